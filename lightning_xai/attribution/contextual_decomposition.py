@@ -1,0 +1,275 @@
+"""Contextual decomposition (CD) of a model's output into the contribution of a masked input part and the rest.
+
+The model is traced with ``torch.fx`` so that functional calls, residual additions and concatenations in
+``forward`` are seen, then interpreted node by node with the rules of
+:mod:`lightning_xai.attribution._cd_rules`. Each decomposed activation is carried as two streams (the
+relevant part and the ordinary activation), so the cost is about two forward passes and the result is
+differentiable with respect to the parameters, as CDEP needs inside the training loss.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from lightning_xai.attribution._cd_rules import (
+    TokenIds,
+    find_callable_rule,
+    find_method_rule,
+    find_module_rule,
+    has_decomposition,
+)
+from lightning_xai.errors import MaskShapeError, UnsupportedLayerError
+from lightning_xai.functional.contextual_decomposition import Decomposition, tie_share
+
+_MAX_EXTRA_ARGS = 4
+
+
+class _CDTracer(fx.Tracer):
+    """Stops at modules that have a rule (an LSTM, a BatchNorm) and traces into everything else."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        if find_module_rule(module) is not None:
+            return True
+        return super().is_leaf_module(module, qualified_name)
+
+
+class _ForwardAdapter(nn.Module):
+    """Gives fx a fixed-arity ``forward`` around any callable (``model`` or ``module.xai_forward``)."""
+
+    def __init__(self, model: nn.Module, forward: Callable[..., Any] | None, num_extra: int) -> None:
+        super().__init__()
+        self.model = model
+        self._forward_name = None if forward is None else forward.__name__
+        self.num_extra = num_extra
+
+    def forward(self, inputs: Any, a0: Any = None, a1: Any = None, a2: Any = None, a3: Any = None) -> Any:
+        extra = (a0, a1, a2, a3)[: self.num_extra]
+        target = self.model if self._forward_name is None else getattr(self.model, self._forward_name)
+        return target(inputs, *extra)
+
+
+_TRACE_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, fx.GraphModule]] = weakref.WeakKeyDictionary()
+
+
+def _traced(model: nn.Module, forward: Callable[..., Any] | None, num_extra: int) -> fx.GraphModule:
+    key = (None if forward is None else forward.__name__, num_extra)
+    per_model = _TRACE_CACHE.setdefault(model, {})
+    if key not in per_model:
+        adapter = _ForwardAdapter(model, forward, num_extra)
+        try:
+            graph = _CDTracer().trace(adapter)
+        except Exception as error:  # fx raises many kinds of errors on dynamic control flow
+            raise UnsupportedLayerError(
+                f"contextual_decomposition could not trace {type(model).__name__}.forward with torch.fx: "
+                f"{type(error).__name__}: {error}. Data-dependent control flow cannot be traced: move it "
+                "into a submodule and register a rule for that module with "
+                "lightning_xai.attribution.register_cd_rule."
+            ) from error
+        per_model[key] = fx.GraphModule(adapter, graph)
+    return per_model[key]
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack)[-1] if stack else ""
+    return path.removeprefix("model.").removeprefix("model") or "<root>"
+
+
+class _CDInterpreter(fx.Interpreter):
+    def run_node(self, node: fx.Node) -> Any:
+        if node.op in ("placeholder", "get_attr", "output"):
+            return super().run_node(node)
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        if not (has_decomposition(args) or has_decomposition(kwargs) or _has_token_ids(args)):
+            return super().run_node(node)
+        if node.op == "call_module":
+            module = self.fetch_attr(node.target)
+            rule = find_module_rule(module)
+            what = f"module {type(module).__name__}"
+            where = str(node.target).removeprefix("model.")
+            if rule is not None:
+                return self._apply(rule, (module, *args), kwargs, what, where)
+        elif node.op == "call_method":
+            rule = find_method_rule(node.target)
+            what, where = f"tensor method .{node.target}()", _module_path(node)
+        else:
+            rule = find_callable_rule(node.target)
+            what = f"function {getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', node.target)}"
+            where = _module_path(node)
+        if rule is None:
+            if _has_token_ids(args) and not has_decomposition(args):
+                # Token ids used for something other than an embedding (a padding mask): plain values.
+                args = _unwrap_token_ids(args)
+                kwargs = _unwrap_token_ids(kwargs)
+                return getattr(self, node.op)(node.target, args, kwargs)
+            raise UnsupportedLayerError(
+                f"contextual decomposition has no rule for {what} at '{where}' (fx node '{node.name}'). "
+                "Register one with lightning_xai.attribution.register_cd_rule, or replace the layer with "
+                "a supported one (see the list in the contextual_decomposition docs)."
+            )
+        return self._apply(rule, args, kwargs, what, _module_path(node))
+
+    @staticmethod
+    def _apply(rule: Callable, args: tuple, kwargs: dict, what: str, where: str) -> Any:
+        try:
+            return rule(*args, **kwargs)
+        except UnsupportedLayerError as error:
+            if " at '" in str(error):
+                raise
+            raise UnsupportedLayerError(
+                f"contextual decomposition does not support {error} ({what} at '{where}')."
+            ) from None
+
+
+def _has_token_ids(value: Any) -> bool:
+    if isinstance(value, TokenIds):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_token_ids(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_token_ids(v) for v in value.values())
+    return False
+
+
+def _unwrap_token_ids(value: Any) -> Any:
+    if isinstance(value, TokenIds):
+        return value.ids
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unwrap_token_ids(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _unwrap_token_ids(v) for k, v in value.items()}
+    return value
+
+
+def broadcast_mask(mask: Tensor, inputs: Tensor) -> Tensor:
+    """Shapes ``mask`` to broadcast against ``inputs``.
+
+    Accepted: the input's shape; a leading part of it (``(N, T)`` for ``(N, T, E)`` embeddings); an image
+    mask without the channel dimension (``(N, H, W)`` for ``(N, C, H, W)``); any of these without the
+    batch dimension (one mask for every sample); or anything that already broadcasts.
+
+    Raises:
+        MaskShapeError: if none of these fits, naming both shapes.
+
+    Example:
+        >>> broadcast_mask(torch.ones(2, 5, 5), torch.zeros(2, 3, 5, 5)).shape
+        torch.Size([2, 1, 5, 5])
+        >>> broadcast_mask(torch.ones(2, 7), torch.zeros(2, 7, 16)).shape
+        torch.Size([2, 7, 1])
+    """
+    mask = torch.as_tensor(mask, device=inputs.device)
+    in_shape, m_shape = tuple(inputs.shape), tuple(mask.shape)
+    if m_shape == in_shape:
+        return mask
+    candidates = []
+    if 0 < mask.dim() < inputs.dim() and m_shape == in_shape[: mask.dim()]:
+        candidates.append(mask.reshape(m_shape + (1,) * (inputs.dim() - mask.dim())))
+    if inputs.dim() >= 3 and mask.dim() == inputs.dim() - 1 and m_shape == (in_shape[0],) + in_shape[2:]:
+        candidates.append(mask.unsqueeze(1))
+    if mask.dim() == inputs.dim() - 1 and m_shape == in_shape[1:]:
+        candidates.append(mask.unsqueeze(0))
+    if inputs.dim() >= 3 and mask.dim() == inputs.dim() - 2 and m_shape == in_shape[2:]:
+        candidates.append(mask.reshape((1, 1) + m_shape))
+    if mask.dim() == inputs.dim():
+        try:
+            torch.broadcast_shapes(m_shape, in_shape)
+            candidates.append(mask)
+        except RuntimeError:
+            pass
+    for candidate in candidates:
+        if torch.broadcast_shapes(candidate.shape, in_shape) == inputs.shape:
+            return candidate
+    raise MaskShapeError(
+        f"a mask of shape {m_shape} does not fit inputs of shape {in_shape}. Give a mask of the input's "
+        f"shape, its leading dimensions (e.g. {in_shape[:2]} for per-position masks), an image mask "
+        "without the channel dimension, or one of these without the batch dimension."
+    )
+
+
+def contextual_decomposition(
+    model: nn.Module,
+    inputs: Tensor,
+    mask: Tensor,
+    additional_forward_args: tuple[Any, ...] = (),
+    forward: Callable[..., Any] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Splits the model's output into the contribution of the masked input part and of everything else.
+
+    ``relevant + irrelevant`` equals the output of the model in eval mode. The model's train/eval state is
+    restored afterwards, and the result is differentiable with respect to the parameters.
+
+    Args:
+        model: the network. Traced once with ``torch.fx`` (the trace is cached per model and forward).
+        inputs: a float tensor, or integer token ids of shape ``(N, T)`` whose embedding lookup is split by
+            a mask over token positions.
+        mask: 1 (or any weight in ``[0, 1]``) on the features whose contribution is wanted; see
+            :func:`broadcast_mask` for the accepted shapes. For token ids: ``(N, T)``.
+        additional_forward_args: further positional arguments of ``forward`` (lengths, attention masks);
+            at most four. They are treated as constants.
+        forward: a method of ``model`` to decompose instead of ``model.forward`` (``model.xai_forward``).
+
+    Returns:
+        ``(relevant, irrelevant)``, each shaped like the model's output.
+
+    Raises:
+        UnsupportedLayerError: the model uses a layer or operation without a rule; the message names the
+            module path and the operation.
+        MaskShapeError: the mask does not fit the inputs.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 10))
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> mask = torch.zeros(2, 8, 8); mask[:, :4] = 1
+        >>> relevant, irrelevant = contextual_decomposition(model, x, mask)
+        >>> torch.allclose(relevant + irrelevant, model(x), atol=1e-5)
+        True
+    """
+    if len(additional_forward_args) > _MAX_EXTRA_ARGS:
+        raise ValueError(
+            f"contextual_decomposition takes at most {_MAX_EXTRA_ARGS} additional_forward_args, "
+            f"got {len(additional_forward_args)}; bundle them into one object or wrap the model."
+        )
+    if forward is not None and getattr(forward, "__self__", model) is not model:
+        raise ValueError("`forward` must be a method of `model` (e.g. model.xai_forward).")
+    if inputs.is_floating_point():
+        mask = broadcast_mask(mask, inputs).to(inputs.dtype)
+        start: Any = Decomposition(inputs * mask, inputs)
+        per_sample_dims = tuple(range(1, inputs.dim()))
+        masked_mass = start.relevant.detach().abs().sum(per_sample_dims)
+        input_share = masked_mass / inputs.detach().abs().sum(per_sample_dims).clamp_min(1e-12)
+    else:
+        mask = torch.as_tensor(mask, device=inputs.device)
+        if mask.dim() == 1 and inputs.dim() == 2 and mask.shape[0] == inputs.shape[1]:
+            mask = mask.expand_as(inputs)
+        if mask.shape != inputs.shape:
+            raise MaskShapeError(
+                f"a mask over token positions must have the shape of the token ids {tuple(inputs.shape)}, "
+                f"got {tuple(mask.shape)}."
+            )
+        start = TokenIds(inputs, mask.float())
+        input_share = start.mask.mean(dim=tuple(range(1, mask.dim()))) if mask.dim() > 1 else start.mask
+    graph_module = _traced(model, forward, len(additional_forward_args))
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        padded = tuple(additional_forward_args) + (None,) * (_MAX_EXTRA_ARGS - len(additional_forward_args))
+        with tie_share(input_share):
+            output = _CDInterpreter(graph_module).run(start, *padded)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    if not isinstance(output, Decomposition):
+        raise UnsupportedLayerError(
+            f"contextual decomposition needs a single tensor output that depends on the input; "
+            f"{type(model).__name__} returned {type(output).__name__}. Make `forward` (or xai_forward) "
+            "return the logits."
+        )
+    return output.relevant, output.irrelevant

@@ -1,0 +1,261 @@
+"""Contextual decomposition kernels: how one operation splits its output into relevant and irrelevant parts.
+
+A decomposition is carried as two streams, ``relevant`` and ``total`` (the ordinary activation); the
+irrelevant part is ``total - relevant``. Carrying the total instead of the irrelevant part makes
+additivity exact by construction and makes the *relevant-first* rule for elementwise nonlinearities
+one call per stream: ``relevant' = f(relevant)`` and ``total' = f(total)``, so
+``irrelevant' = f(relevant + irrelevant) - f(relevant)`` as in CD (Murdoch et al. 2018) and CDEP
+(Rieger et al. 2020).
+
+Constants (biases, the offset ``f(0)`` of a nonlinearity) are split between the two parts in proportion
+to ``|relevant|`` and ``|irrelevant|`` of the activation they are added to. Where both parts are exactly
+zero (a dead ReLU patch) that proportion is undefined; the constant is then split by the sample's masked
+share of the input (see :func:`tie_share`), so a zero mask keeps the relevant part exactly zero and a full
+mask keeps the irrelevant part exactly zero.
+
+Everything here is pure torch, batched and differentiable with respect to the parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+@dataclass
+class Decomposition:
+    """The relevant part of an activation and the activation itself.
+
+    Args:
+        relevant: contribution of the masked input features.
+        total: the activation of the ordinary forward pass (``relevant + irrelevant``).
+    """
+
+    relevant: Tensor
+    total: Tensor
+
+    @property
+    def irrelevant(self) -> Tensor:
+        """The contribution of everything else: the unmasked features and the biases they own."""
+        return self.total - self.relevant
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Decomposition:
+        """Applies an operation that is linear without offset (reshape, pooling, indexing) to both streams."""
+        return Decomposition(fn(self.relevant), fn(self.total))
+
+
+_TIE_SHARE: ContextVar[Tensor | None] = ContextVar("cd_tie_share", default=None)
+
+
+@contextmanager
+def tie_share(share: Tensor) -> Iterator[None]:
+    """Sets, per sample, the share of a constant that the relevant part gets where both parts are zero.
+
+    :func:`~lightning_xai.attribution.contextual_decomposition` sets it to the masked share of each
+    sample's input magnitude. Applied to activations whose first dimension is the batch.
+    """
+    token = _TIE_SHARE.set(share)
+    try:
+        yield
+    finally:
+        _TIE_SHARE.reset(token)
+
+
+def relevant_share(relevant: Tensor, irrelevant: Tensor) -> Tensor:
+    """Fraction ``|relevant| / (|relevant| + |irrelevant|)`` that decides who owns an added constant.
+
+    Where both parts are zero the share is the sample's :func:`tie_share` (0 outside of one).
+
+    Example:
+        >>> relevant_share(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([3.0, 2.0, 0.0]))
+        tensor([0.2500, 0.0000, 0.0000])
+        >>> with tie_share(torch.tensor([0.5])):
+        ...     relevant_share(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
+        tensor([[0.5000, 0.5000]])
+    """
+    magnitude = relevant.abs()
+    denominator = magnitude + irrelevant.abs()
+    if denominator.dtype == torch.float16:  # 1e-12 underflows in half precision
+        magnitude, denominator = magnitude.float(), denominator.float()
+    share = magnitude / denominator.clamp_min(1e-12)
+    tie = _TIE_SHARE.get()
+    if tie is not None and share.dim() >= 1 and share.shape[0] == tie.shape[0]:
+        tie = tie.to(share.dtype).view(-1, *([1] * (share.dim() - 1)))
+        share = torch.where(denominator > 0, share, tie)
+    return share.to(relevant.dtype)
+
+
+def add_constant(value: Decomposition, constant: Tensor | float) -> Decomposition:
+    """Adds a constant (a bias) and splits it in proportion to the magnitudes of the two parts.
+
+    Example:
+        >>> d = add_constant(Decomposition(torch.tensor([1.0, 0.0]), torch.tensor([2.0, 1.0])), 4.0)
+        >>> d.relevant, d.total
+        (tensor([3., 0.]), tensor([6., 5.]))
+    """
+    share = relevant_share(value.relevant, value.irrelevant)
+    return Decomposition(value.relevant + share * constant, value.total + constant)
+
+
+def decompose_affine(
+    value: Decomposition, linear: Callable[[Tensor], Tensor], bias: Tensor | None
+) -> Decomposition:
+    """An affine layer ``linear(x) + bias``: the linear map is applied to each stream, the bias is split.
+
+    Args:
+        value: the input decomposition.
+        linear: the layer without its bias (``F.linear(x, W)``, ``conv(x, W, None)``, a BatchNorm scale).
+        bias: the bias, already shaped to broadcast against the output, or ``None``.
+    """
+    relevant = linear(value.relevant)
+    total = linear(value.total)
+    if bias is None:
+        return Decomposition(relevant, total)
+    return add_constant(Decomposition(relevant, total), bias)
+
+
+def decompose_elementwise(value: Decomposition, fn: Callable[[Tensor], Tensor]) -> Decomposition:
+    """Relevant-first split of an elementwise nonlinearity ``fn``.
+
+    ``relevant' = fn(relevant) - fn(0)`` and ``total' = fn(total)``; the offset ``fn(0)`` (0.5 for a
+    sigmoid, log 2 for a softplus) is a constant and is split like a bias.
+
+    Example:
+        >>> d = decompose_elementwise(Decomposition(torch.tensor([1.0, -1.0]), torch.tensor([3.0, 2.0])), torch.relu)
+        >>> d.relevant, d.irrelevant
+        (tensor([1., 0.]), tensor([2., 2.]))
+    """
+    relevant = fn(value.relevant)
+    total = fn(value.total)
+    offset = fn(torch.zeros((), dtype=value.total.dtype, device=value.total.device))
+    if bool(offset != 0):
+        share = relevant_share(value.relevant, value.irrelevant)
+        relevant = relevant - offset + share * offset
+    return Decomposition(relevant, total)
+
+
+def decompose_max_pool(value: Decomposition, pool_with_indices: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Decomposition:
+    """Max pooling: both parts are read at the positions where the *total* activation is maximal.
+
+    Args:
+        value: the input decomposition, shaped ``(N, C, *spatial)``.
+        pool_with_indices: the pooling called with ``return_indices=True`` (any kernel, stride, padding,
+            dilation or ceil mode: the indices address the flattened input positions).
+    """
+    total, indices = pool_with_indices(value.total)
+    flat_relevant = value.relevant.flatten(2)
+    relevant = flat_relevant.gather(2, indices.flatten(2)).view_as(total)
+    return Decomposition(relevant, total)
+
+
+def decompose_product(left: Decomposition, right: Decomposition) -> Decomposition:
+    """Product of two decomposed activations: only relevant times relevant is relevant.
+
+    Interactions between the masked part and anything else are assigned to the irrelevant part, the
+    same relevant-first convention as for nonlinearities.
+    """
+    return Decomposition(left.relevant * right.relevant, left.total * right.total)
+
+
+def _shapley_three(a: Tensor, b: Tensor, c: Tensor, fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    # Murdoch et al. 2018: the contributions of a (relevant) and b (irrelevant) to fn(a + b + c) are their
+    # Shapley values over the orders in which they join the bias c; the bias keeps fn(c).
+    fc, fac, fbc, fabc = fn(c), fn(a + c), fn(b + c), fn(a + b + c)
+    a_part = 0.5 * ((fac - fc) + (fabc - fbc))
+    b_part = 0.5 * ((fbc - fc) + (fabc - fac))
+    return a_part, b_part, fc
+
+
+def _shapley_two(a: Tensor, b: Tensor, fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    fa, fb, fab = fn(a), fn(b), fn(a + b)
+    return 0.5 * (fa + (fab - fb)), 0.5 * (fb + (fab - fa))
+
+
+def decompose_lstm_layer(
+    relevant_input: Tensor,
+    irrelevant_input: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias: Tensor | None,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Contextual decomposition of one direction of one LSTM layer (Murdoch et al. 2018).
+
+    Batched over samples; the loop runs over time steps only. Gate pre-activations are split into
+    relevant, irrelevant and bias terms and each gate is linearised by Shapley values over those three.
+    The product of the input and candidate gates' bias terms belongs to the relevant part in
+    proportion to how much of the current input is relevant (all of it inside a masked token span, none
+    outside, as in the original), so a full mask gives everything to the relevant part.
+
+    Args:
+        relevant_input: ``(N, T, input_size)`` relevant part of the input sequence (batch first).
+        irrelevant_input: ``(N, T, input_size)`` irrelevant part.
+        weight_ih: ``(4H, input_size)``, gates in PyTorch order i, f, g, o.
+        weight_hh: ``(4H, H)``.
+        bias: ``(4H,)`` (``bias_ih + bias_hh``) or ``None``.
+        reverse: run the sequence backwards (the reverse direction of a bidirectional LSTM).
+
+    Returns:
+        ``(relevant_h, irrelevant_h, relevant_h_last, irrelevant_h_last, relevant_c_last,
+        irrelevant_c_last)`` with sequences shaped ``(N, T, H)`` and final states ``(N, H)``.
+    """
+    n, steps, _ = relevant_input.shape
+    hidden = weight_hh.shape[1]
+    dtype, device = relevant_input.dtype, relevant_input.device
+    if bias is None:
+        bias = torch.zeros(4 * hidden, dtype=dtype, device=device)
+    # One matrix product for all steps: the input projections do not depend on the recurrence.
+    projected_relevant = F.linear(relevant_input, weight_ih)
+    projected_irrelevant = F.linear(irrelevant_input, weight_ih)
+    input_magnitude_relevant = relevant_input.abs().sum(-1)
+    input_magnitude_irrelevant = irrelevant_input.abs().sum(-1)
+    bias_i, bias_f, bias_g, bias_o = bias.chunk(4)
+
+    rel_h = torch.zeros(n, hidden, dtype=dtype, device=device)
+    irr_h = torch.zeros_like(rel_h)
+    rel_c = torch.zeros_like(rel_h)
+    irr_c = torch.zeros_like(rel_h)
+    outputs_relevant: list[Tensor] = []
+    outputs_irrelevant: list[Tensor] = []
+    order = range(steps - 1, -1, -1) if reverse else range(steps)
+    first = True
+    for t in order:
+        gates_relevant = projected_relevant[:, t] + F.linear(rel_h, weight_hh)
+        gates_irrelevant = projected_irrelevant[:, t] + F.linear(irr_h, weight_hh)
+        rel_i, rel_f, rel_g, rel_o = gates_relevant.chunk(4, dim=1)
+        irr_i, irr_f, irr_g, irr_o = gates_irrelevant.chunk(4, dim=1)
+
+        i_rel, i_irr, i_bias = _shapley_three(rel_i, irr_i, bias_i, torch.sigmoid)
+        g_rel, g_irr, g_bias = _shapley_three(rel_g, irr_g, bias_g, torch.tanh)
+        share = relevant_share(input_magnitude_relevant[:, t], input_magnitude_irrelevant[:, t]).unsqueeze(1)
+        bias_product = i_bias * g_bias
+        new_rel_c = i_rel * (g_rel + g_bias) + i_bias * g_rel + share * bias_product
+        new_irr_c = i_irr * (g_rel + g_irr + g_bias) + (i_rel + i_bias) * g_irr + (1 - share) * bias_product
+        if not first:
+            f_rel, f_irr, f_bias = _shapley_three(rel_f, irr_f, bias_f, torch.sigmoid)
+            new_rel_c = new_rel_c + (f_rel + f_bias) * rel_c
+            new_irr_c = new_irr_c + (f_rel + f_irr + f_bias) * irr_c + f_irr * rel_c
+        rel_c, irr_c = new_rel_c, new_irr_c
+        output_gate = torch.sigmoid(rel_o + irr_o + bias_o)
+        tanh_rel, tanh_irr = _shapley_two(rel_c, irr_c, torch.tanh)
+        rel_h, irr_h = output_gate * tanh_rel, output_gate * tanh_irr
+        outputs_relevant.append(rel_h)
+        outputs_irrelevant.append(irr_h)
+        first = False
+    if reverse:
+        outputs_relevant.reverse()
+        outputs_irrelevant.reverse()
+    return (
+        torch.stack(outputs_relevant, dim=1),
+        torch.stack(outputs_irrelevant, dim=1),
+        rel_h,
+        irr_h,
+        rel_c,
+        irr_c,
+    )
