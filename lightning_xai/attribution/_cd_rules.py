@@ -220,8 +220,20 @@ def _elementwise_function(fn: Callable[..., Tensor]) -> Rule:
     return rule
 
 
-for _fn in (F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.softplus, F.sigmoid, F.tanh,
-            torch.relu, torch.tanh, torch.sigmoid):
+for _fn in (
+    F.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.gelu,
+    F.silu,
+    F.softplus,
+    F.sigmoid,
+    F.tanh,
+    torch.relu,
+    torch.tanh,
+    torch.sigmoid,
+):
     register_cd_rule(_fn)(_elementwise_function(_fn))
 for _name, _fn in (("relu", F.relu), ("tanh", torch.tanh), ("sigmoid", torch.sigmoid)):
     register_cd_rule(_name)(_elementwise_function(_fn))
@@ -243,8 +255,13 @@ def _max_pool_module(module: nn.Module, x: Decomposition) -> Any:
 
     def pool_with_indices(t: Tensor) -> tuple[Tensor, Tensor]:
         return pool(
-            t, module.kernel_size, module.stride, module.padding, module.dilation,
-            ceil_mode=module.ceil_mode, return_indices=True,
+            t,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            ceil_mode=module.ceil_mode,
+            return_indices=True,
         )
 
     if module.return_indices:
@@ -257,8 +274,15 @@ register_cd_rule(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)(_max_pool_module)
 
 
 def _max_pool_function(pool: Callable) -> Rule:
-    def rule(x: Decomposition, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
-             ceil_mode: bool = False, return_indices: bool = False) -> Any:
+    def rule(
+        x: Decomposition,
+        kernel_size: Any,
+        stride: Any = None,
+        padding: Any = 0,
+        dilation: Any = 1,
+        ceil_mode: bool = False,
+        return_indices: bool = False,
+    ) -> Any:
         def pool_with_indices(t: Tensor) -> tuple[Tensor, Tensor]:
             return pool(t, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
 
@@ -286,9 +310,19 @@ def _apply_module_to_both(module: nn.Module, x: Decomposition) -> Decomposition:
 
 # Linear maps without offset, and layers that are the identity in eval mode.
 register_cd_rule(
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
     nn.AlphaDropout,
 )(_apply_module_to_both)
 
@@ -308,18 +342,72 @@ def _apply_function_to_both(fn: Callable) -> Rule:
     return rule
 
 
-for _fn in (torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
-            torch.mean, torch.sum, torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select,
-            torch.flip, torch.roll, torch.movedim, torch.swapaxes, torch.t, operator.getitem, operator.neg,
-            torch.neg, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-            F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.pixel_shuffle, F.pixel_unshuffle):
+for _fn in (
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.mean,
+    torch.sum,
+    torch.chunk,
+    torch.split,
+    torch.unbind,
+    torch.narrow,
+    torch.select,
+    torch.flip,
+    torch.roll,
+    torch.movedim,
+    torch.swapaxes,
+    torch.t,
+    operator.getitem,
+    operator.neg,
+    torch.neg,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.pixel_shuffle,
+    F.pixel_unshuffle,
+):
     register_cd_rule(_fn)(_apply_function_to_both(_fn))
 
 _SHAPE_METHODS = (
-    "view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "expand",
-    "expand_as", "repeat", "narrow", "select", "t", "mean", "sum", "chunk", "split", "unbind", "flip",
-    "roll", "movedim", "clone", "float", "double", "half", "bfloat16", "to", "type", "type_as",
-    "neg", "__getitem__",
+    "view",
+    "reshape",
+    "flatten",
+    "permute",
+    "transpose",
+    "squeeze",
+    "unsqueeze",
+    "contiguous",
+    "expand",
+    "expand_as",
+    "repeat",
+    "narrow",
+    "select",
+    "t",
+    "mean",
+    "sum",
+    "chunk",
+    "split",
+    "unbind",
+    "flip",
+    "roll",
+    "movedim",
+    "clone",
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "to",
+    "type",
+    "type_as",
+    "neg",
+    "__getitem__",
 )
 
 
@@ -448,7 +536,9 @@ def _embedding_function(ids: Any, weight: Tensor, *args: Any, **kwargs: Any) -> 
 
 
 @register_cd_rule(nn.LSTM)
-def _lstm(module: nn.LSTM, x: Decomposition, state: Any = None) -> tuple[Decomposition, tuple[Decomposition, Decomposition]]:
+def _lstm(
+    module: nn.LSTM, x: Decomposition, state: Any = None
+) -> tuple[Decomposition, tuple[Decomposition, Decomposition]]:
     if state is not None:
         raise UnsupportedLayerError("an LSTM called with an explicit initial state (h0, c0); call it without one")
     if module.proj_size:
@@ -469,8 +559,12 @@ def _lstm(module: nn.LSTM, x: Decomposition, state: Any = None) -> tuple[Decompo
             if module.bias:
                 bias = getattr(module, f"bias_ih{suffix}") + getattr(module, f"bias_hh{suffix}")
             rel_seq, irr_seq, rel_h, irr_h, rel_c, irr_c = decompose_lstm_layer(
-                relevant, irrelevant, getattr(module, f"weight_ih{suffix}"), getattr(module, f"weight_hh{suffix}"),
-                bias, reverse=bool(direction),
+                relevant,
+                irrelevant,
+                getattr(module, f"weight_ih{suffix}"),
+                getattr(module, f"weight_hh{suffix}"),
+                bias,
+                reverse=bool(direction),
             )
             outputs.append((rel_seq, irr_seq))
             final_h.append((rel_h, irr_h))

@@ -92,11 +92,7 @@ class DecoyDigits(Dataset[dict[str, torch.Tensor]]):
         test_fraction: float = 0.2,
         patch_size: int = 2,
     ) -> None:
-        if (
-            isinstance(patch_size, bool)
-            or not isinstance(patch_size, int)
-            or not 1 <= patch_size <= _MAX_PATCH
-        ):
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or not 1 <= patch_size <= _MAX_PATCH:
             raise ValueError(
                 f"patch_size must be an integer from 1 to {_MAX_PATCH} so that the four corner patches of a "
                 f"{IMAGE_SIZE}x{IMAGE_SIZE} image do not overlap; got {patch_size!r}."

@@ -103,9 +103,7 @@ def add_constant(value: Decomposition, constant: Tensor | float) -> Decompositio
     return Decomposition(value.relevant + share * constant, value.total + constant)
 
 
-def decompose_affine(
-    value: Decomposition, linear: Callable[[Tensor], Tensor], bias: Tensor | None
-) -> Decomposition:
+def decompose_affine(value: Decomposition, linear: Callable[[Tensor], Tensor], bias: Tensor | None) -> Decomposition:
     """An affine layer ``linear(x) + bias``: the linear map is applied to each stream, the bias is split.
 
     Args:
@@ -140,7 +138,9 @@ def decompose_elementwise(value: Decomposition, fn: Callable[[Tensor], Tensor]) 
     return Decomposition(relevant, total)
 
 
-def decompose_max_pool(value: Decomposition, pool_with_indices: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Decomposition:
+def decompose_max_pool(
+    value: Decomposition, pool_with_indices: Callable[[Tensor], tuple[Tensor, Tensor]]
+) -> Decomposition:
     """Max pooling: both parts are read at the positions where the *total* activation is maximal.
 
     Args:

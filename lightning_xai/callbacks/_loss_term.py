@@ -1,0 +1,123 @@
+"""Base class of the callbacks that contribute a term to the training loss through ``XAIMixin``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor
+
+from lightning_xai.errors import MissingMixinError, XAIConfigurationError
+from lightning_xai.mixin import StepContext, XAIMixin
+
+Schedule = Literal["constant", "linear_warmup", "dann"]
+
+
+def schedule_factor(schedule: Schedule, step: int, total_steps: float, warmup_steps: int = 0) -> float:
+    """The multiplier of a term's weight at optimizer step ``step``.
+
+    * ``constant``: 1.
+    * ``linear_warmup``: ``min(1, step / warmup_steps)``.
+    * ``dann``: ``2 / (1 + exp(-10 p)) - 1`` with training progress ``p = step / total_steps`` (Ganin et al.).
+
+    Example:
+        >>> schedule_factor("linear_warmup", 5, 100, warmup_steps=10)
+        0.5
+        >>> round(schedule_factor("dann", 50, 100), 4)
+        0.9866
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear_warmup":
+        return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+    if schedule == "dann":
+        progress = min(1.0, step / total_steps) if math.isfinite(total_steps) and total_steps > 0 else 0.0
+        return 2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0
+    raise XAIConfigurationError(f"schedule must be 'constant', 'linear_warmup' or 'dann', got {schedule!r}.")
+
+
+class LossTerm(Callback):
+    """A callback that declares a weighted loss term; :class:`~lightning_xai.XAIMixin` adds it to the loss.
+
+    Subclasses implement :meth:`compute_term`. The weight follows ``schedule`` over optimizer steps; the
+    counters and any random state live in :meth:`state_dict` and survive checkpoint resume.
+
+    Args:
+        weight: the term's weight at full schedule.
+        schedule: ``"constant"``, ``"linear_warmup"`` (over ``warmup_steps``) or ``"dann"``.
+        warmup_steps: optimizer steps of the linear warm-up.
+        name: the term's name in logs (``xai/<name>``); must be unique among the trainer's loss terms.
+    """
+
+    #: the term differentiates the logits of the step's own forward pass with respect to the input
+    reuses_step_forward: bool = False
+
+    def __init__(
+        self, weight: float = 1.0, schedule: Schedule = "constant", warmup_steps: int = 0, name: str | None = None
+    ) -> None:
+        super().__init__()
+        if weight < 0 or not math.isfinite(weight):
+            raise XAIConfigurationError(f"{type(self).__name__}: weight must be a finite number >= 0, got {weight}.")
+        schedule_factor(schedule, 0, 1.0, warmup_steps)  # validates the name early
+        if schedule == "linear_warmup" and warmup_steps <= 0:
+            raise XAIConfigurationError(
+                f"{type(self).__name__}: schedule='linear_warmup' needs warmup_steps > 0, got {warmup_steps}."
+            )
+        self.weight = float(weight)
+        self.schedule: Schedule = schedule
+        self.warmup_steps = int(warmup_steps)
+        self._name = name
+        self.steps_seen = 0
+        self.steps_skipped = 0
+        self.last_weight = 0.0
+
+    @property
+    def term_name(self) -> str:
+        return self._name or self.default_name()
+
+    def default_name(self) -> str:
+        return type(self).__name__.lower()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.term_name)
+
+    def current_weight(self, trainer: pl.Trainer) -> float:
+        factor = schedule_factor(
+            self.schedule, trainer.global_step, trainer.estimated_stepping_batches, self.warmup_steps
+        )
+        self.last_weight = self.weight * factor
+        return self.last_weight
+
+    def compute_term(self, pl_module: XAIMixin, context: StepContext) -> Tensor:
+        """The unweighted term for this step (a scalar tensor connected to the parameters)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- Lightning hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, XAIMixin):
+            raise MissingMixinError(
+                f"{type(self).__name__} adds a loss term, but {type(pl_module).__name__} does not subclass "
+                f"XAIMixin. Fix: `class {type(pl_module).__name__}(XAIMixin, LightningModule): ...` "
+                "(from lightning_xai import XAIMixin)."
+            )
+        names = [cb.term_name for cb in trainer.callbacks if isinstance(cb, LossTerm)]
+        if names.count(self.term_name) > 1:
+            raise XAIConfigurationError(
+                f"two loss-term callbacks are named {self.term_name!r}; give each a distinct `name=`."
+            )
+        if stage == "fit" and self.schedule == "dann" and not math.isfinite(trainer.estimated_stepping_batches):
+            raise XAIConfigurationError(
+                f"{type(self).__name__}(schedule='dann') needs the length of training: set max_epochs or max_steps."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps_seen": self.steps_seen, "steps_skipped": self.steps_skipped, "last_weight": self.last_weight}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.steps_seen = int(state_dict.get("steps_seen", 0))
+        self.steps_skipped = int(state_dict.get("steps_skipped", 0))
+        self.last_weight = float(state_dict.get("last_weight", 0.0))

@@ -1,0 +1,284 @@
+"""Differentiable explanation penalties: plain PyTorch functions that the callbacks add to the loss.
+
+Every penalty is computed per sample and reduced with a mean over the *whole* batch (samples without an
+annotation contribute zero), so a penalty on a batch equals the mean of the penalties on equal shards:
+gradient accumulation and DDP give the same gradient as one large batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from lightning_xai.errors import XAIConfigurationError
+from lightning_xai.functional._masks import broadcast_mask
+
+Reduction = Literal["mean", "sum", "none"]
+CDEPVariant = Literal["image", "text", "shift_invariant"]
+Norm = Literal["l1", "l2"]
+
+
+def _reduce(per_sample: Tensor, sample_weights: Tensor | None, reduction: Reduction) -> Tensor:
+    if sample_weights is not None:
+        per_sample = per_sample * sample_weights.to(per_sample.dtype)
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "none":
+        return per_sample
+    raise XAIConfigurationError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
+
+
+def _norm(values: Tensor, norm: Norm) -> Tensor:
+    if norm == "l2":
+        return values.pow(2)
+    if norm == "l1":
+        return values.abs()
+    raise XAIConfigurationError(f"norm must be 'l1' or 'l2', got {norm!r}.")
+
+
+def _per_sample_sum(values: Tensor) -> Tensor:
+    return values.flatten(1).sum(1)
+
+
+def cdep_penalty(
+    relevant: Tensor,
+    irrelevant: Tensor,
+    target: Tensor | None = None,
+    variant: CDEPVariant = "image",
+    sample_weights: Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """CDEP penalty (Rieger et al., ICML 2020) on a contextual decomposition of the logits.
+
+    Variants:
+        * ``"image"``: ``mean_k sigmoid(rel_k - irrel_k)`` over classes, as in the paper's image
+          experiments (ColorMNIST, ISIC): the masked part must not dominate any logit.
+        * ``"text"``: ``softplus(rel_y - irrel_y)`` on the true class ``y`` (needs ``target``).
+        * ``"shift_invariant"``: ``KL(softmax(rel + irrel) || softmax(irrel))``, how much the prediction
+          changes when the masked part is removed. The paper's variants can be lowered by shifting every
+          logit by the same amount, which changes no prediction; this one is zero exactly when the masked
+          part adds the same amount to every class, i.e. does not influence the prediction.
+
+    Args:
+        relevant: ``(N, K)`` contribution of the masked features to the logits.
+        irrelevant: ``(N, K)`` contribution of everything else.
+        target: ``(N,)`` true classes (``"text"`` variant).
+        variant: one of the above.
+        sample_weights: ``(N,)`` weights, 0 for samples without an annotation.
+        reduction: ``"mean"`` over the whole batch, ``"sum"`` or ``"none"``.
+
+    Example:
+        >>> rel = torch.tensor([[0.0, 0.0], [2.0, -2.0]])
+        >>> irrel = torch.tensor([[1.0, -1.0], [0.0, 0.0]])
+        >>> cdep_penalty(rel, irrel, reduction="none")
+        tensor([0.5000, 0.5000])
+        >>> cdep_penalty(rel, irrel, variant="shift_invariant", reduction="none")
+        tensor([0.0000, 0.6031])
+    """
+    if relevant.shape != irrelevant.shape:
+        raise XAIConfigurationError(
+            f"relevant {tuple(relevant.shape)} and irrelevant {tuple(irrelevant.shape)} must have one shape."
+        )
+    relevant, irrelevant = relevant.float(), irrelevant.float()
+    if relevant.dim() == 1:
+        relevant, irrelevant = relevant.unsqueeze(1), irrelevant.unsqueeze(1)
+    if variant == "image":
+        per_sample = torch.sigmoid(relevant - irrelevant).flatten(1).mean(1)
+    elif variant == "text":
+        if target is None:
+            raise XAIConfigurationError("cdep_penalty(variant='text') needs the true classes in `target`.")
+        index = target.long().view(-1, 1)
+        per_sample = F.softplus(relevant.gather(1, index) - irrelevant.gather(1, index)).squeeze(1)
+    elif variant == "shift_invariant":
+        log_full = F.log_softmax(relevant + irrelevant, dim=1)
+        log_without = F.log_softmax(irrelevant, dim=1)
+        per_sample = (log_full.exp() * (log_full - log_without)).sum(1)
+    else:
+        raise XAIConfigurationError(
+            f"cdep_penalty variant must be 'image', 'text' or 'shift_invariant', got {variant!r}."
+        )
+    return _reduce(per_sample, sample_weights, reduction)
+
+
+def _input_gradient(outputs: Tensor, inputs: Tensor) -> Tensor:
+    (gradient,) = torch.autograd.grad(outputs, inputs, create_graph=True)
+    return gradient
+
+
+def _forward_with_grad(forward: Callable[[Tensor], Tensor] | None, inputs: Tensor, outputs: Tensor | None) -> Tensor:
+    if outputs is not None:
+        if not inputs.requires_grad:
+            raise XAIConfigurationError(
+                "`outputs` were given but `inputs` does not require grad: pass outputs computed from inputs "
+                "with requires_grad=True, or pass `forward` and no outputs."
+            )
+        return outputs
+    if forward is None:
+        raise XAIConfigurationError("give either `forward` or `outputs` computed from `inputs`.")
+    return forward(inputs)
+
+
+def _as_leaf(inputs: Tensor) -> Tensor:
+    if inputs.requires_grad:
+        return inputs
+    return inputs.detach().requires_grad_(True)
+
+
+def _target_log_probability(logits: Tensor, target: Tensor | None) -> Tensor:
+    log_probabilities = F.log_softmax(logits.float(), dim=-1)
+    if target is None:
+        target = log_probabilities.argmax(-1)
+    return log_probabilities.gather(-1, target.long().view(-1, 1)).sum()
+
+
+def rrr_penalty(
+    forward: Callable[[Tensor], Tensor] | None,
+    inputs: Tensor,
+    mask: Tensor,
+    outputs: Tensor | None = None,
+    sample_weights: Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Right for the Right Reasons penalty (Ross et al., 2017).
+
+    ``sum_d (mask_d * d/dx_d sum_k log p_k(x))^2`` per sample: the input gradient of the summed
+    log-probabilities must vanish inside the mask. Costs one double backward.
+
+    Args:
+        forward: maps inputs to logits; not needed when ``outputs`` are given.
+        inputs: ``(N, ...)`` float inputs (images, or token embeddings for text).
+        mask: 1 on forbidden features; any shape :func:`~lightning_xai.functional._masks.broadcast_mask`
+            accepts (``(N, T)`` for embeddings ``(N, T, E)``).
+        outputs: logits already computed from ``inputs`` (which must require grad); saves a forward pass.
+        sample_weights: ``(N,)`` weights, 0 for samples without an annotation.
+        reduction: ``"mean"`` over the whole batch, ``"sum"`` or ``"none"``.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]))
+        ...     _ = model.bias.zero_()
+        >>> x = torch.zeros(1, 3)
+        >>> rrr_penalty(model, x, torch.tensor([[1.0, 0.0, 0.0]]))  # d/dx0 (log p0 + log p1) = -2 tanh(0)
+        tensor(0., grad_fn=<MeanBackward0>)
+        >>> rrr_penalty(model, torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]]))
+        tensor(2.3201, grad_fn=<MeanBackward0>)
+    """
+    inputs = inputs if outputs is not None else _as_leaf(inputs)
+    logits = _forward_with_grad(forward, inputs, outputs)
+    summed = F.log_softmax(logits.float(), dim=-1).sum()
+    gradient = _input_gradient(summed, inputs)
+    mask = broadcast_mask(mask, gradient).to(gradient.dtype)
+    per_sample = _per_sample_sum((gradient * mask).float().pow(2))
+    return _reduce(per_sample, sample_weights, reduction)
+
+
+def input_x_gradient_penalty(
+    forward: Callable[[Tensor], Tensor] | None,
+    inputs: Tensor,
+    mask: Tensor,
+    target: Tensor | None = None,
+    outputs: Tensor | None = None,
+    norm: Norm = "l2",
+    sample_weights: Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Penalty on the Input x Gradient attribution of the target class inside the mask.
+
+    ``sum_d |mask_d * x_d * d log p_y / dx_d|^p`` per sample (``p`` = 2 for ``"l2"``, 1 for ``"l1"``).
+
+    Args:
+        forward: maps inputs to logits; not needed when ``outputs`` are given.
+        inputs: ``(N, ...)`` float inputs.
+        mask: 1 on forbidden features.
+        target: ``(N,)`` classes to explain; the predicted class when ``None``.
+        outputs: logits computed from ``inputs`` (which must require grad).
+        norm: ``"l2"`` or ``"l1"``.
+        sample_weights: ``(N,)`` weights, 0 for samples without an annotation.
+        reduction: ``"mean"`` over the whole batch, ``"sum"`` or ``"none"``.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> x = torch.tensor([[1.0, 2.0]])
+        >>> input_x_gradient_penalty(model, x, torch.tensor([[0.0, 0.0]]), target=torch.tensor([0]))
+        tensor(0., grad_fn=<MeanBackward0>)
+    """
+    inputs = inputs if outputs is not None else _as_leaf(inputs)
+    logits = _forward_with_grad(forward, inputs, outputs)
+    gradient = _input_gradient(_target_log_probability(logits, target), inputs)
+    mask = broadcast_mask(mask, gradient).to(gradient.dtype)
+    per_sample = _per_sample_sum(_norm((inputs * gradient * mask).float(), norm))
+    return _reduce(per_sample, sample_weights, reduction)
+
+
+def expected_gradients_penalty(
+    forward: Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    mask: Tensor,
+    target: Tensor | None = None,
+    num_references: int = 1,
+    references: Tensor | None = None,
+    norm: Norm = "l2",
+    sample_weights: Tensor | None = None,
+    reduction: Reduction = "mean",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Attribution-prior penalty on Expected Gradients (Erion et al., 2021) inside the mask.
+
+    ``phi = (x - x') * grad f_y(x' + alpha (x - x'))`` with references ``x'`` drawn from the batch and
+    ``alpha ~ U(0, 1)``, averaged over ``num_references`` draws; the penalty is
+    ``sum_d |mask_d * phi_d|^p`` per sample. All draws go through the network as one batch of
+    ``num_references * N`` samples: one forward and one double backward, no per-sample loop.
+
+    Args:
+        forward: maps a batch of inputs to logits. For ``num_references > 1`` it must accept
+            ``num_references * N`` samples.
+        inputs: ``(N, ...)`` float inputs.
+        mask: 1 on forbidden features.
+        target: ``(N,)`` classes to explain; the predicted class at each path point when ``None``.
+        num_references: ``k``, the number of reference draws per sample.
+        references: ``(k * N, ...)`` references to use instead of drawing them from the batch.
+        norm: ``"l2"`` or ``"l1"``.
+        sample_weights: ``(N,)`` weights, 0 for samples without an annotation.
+        reduction: ``"mean"`` over the whole batch, ``"sum"`` or ``"none"``.
+        generator: random generator for the references and the path positions.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(4, 3)
+        >>> x = torch.randn(8, 4)
+        >>> no_mask = expected_gradients_penalty(model, x, torch.zeros(8, 4), target=torch.zeros(8, dtype=torch.long))
+        >>> no_mask.item()
+        0.0
+    """
+    if num_references < 1:
+        raise XAIConfigurationError(f"num_references must be >= 1, got {num_references}.")
+    n = inputs.shape[0]
+    data = inputs.detach()
+    repeated = data.repeat(num_references, *([1] * (data.dim() - 1)))
+    if references is None:
+        permutations = torch.cat(
+            [torch.randperm(n, generator=generator, device="cpu") for _ in range(num_references)]
+        ).to(data.device)
+        references = data[permutations]
+    elif references.shape != repeated.shape:
+        raise XAIConfigurationError(
+            f"references must have shape {tuple(repeated.shape)} (num_references * N, ...), "
+            f"got {tuple(references.shape)}."
+        )
+    alpha_shape = (repeated.shape[0],) + (1,) * (data.dim() - 1)
+    alpha = torch.rand(alpha_shape, generator=generator, device="cpu").to(device=data.device, dtype=data.dtype)
+    difference = repeated - references
+    path_points = (references + alpha * difference).requires_grad_(True)
+    repeated_target = None if target is None else target.repeat(num_references)
+    gradient = _input_gradient(_target_log_probability(forward(path_points), repeated_target), path_points)
+    attribution = (difference * gradient).view(num_references, n, *data.shape[1:]).mean(0)
+    mask = broadcast_mask(mask, attribution).to(attribution.dtype)
+    per_sample = _per_sample_sum(_norm((attribution * mask).float(), norm))
+    return _reduce(per_sample, sample_weights, reduction)
