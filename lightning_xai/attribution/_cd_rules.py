@@ -26,6 +26,7 @@ from lightning_xai.functional.contextual_decomposition import (
     decompose_lstm_layer,
     decompose_max_pool,
     decompose_product,
+    relevant_share,
 )
 
 Rule = Callable[..., Any]
@@ -113,11 +114,13 @@ def has_decomposition(value: Any) -> bool:
 
 
 def _as_decomposition(value: Any, like: Decomposition) -> Decomposition:
-    # A constant joining a decomposed activation (a tensor in torch.cat, a stacked bias) is irrelevant.
+    # A constant joining a decomposed activation (a tensor in torch.cat) has no relevant or irrelevant
+    # magnitude of its own: like a bias on a dead unit, it is split by the sample's tie share.
     if isinstance(value, Decomposition):
         return value
     total = torch.as_tensor(value, dtype=like.total.dtype, device=like.total.device)
-    return Decomposition(torch.zeros_like(total), total)
+    nothing = torch.zeros_like(total)
+    return Decomposition(relevant_share(nothing, nothing) * total, total)
 
 
 # --------------------------------------------------------------------------------------------- affine
@@ -512,7 +515,7 @@ def _getattr(x: Any, name: str) -> Any:
     return getattr(x, name)
 
 
-for _name in ("size", "dim", "numel", "get_device"):
+for _name in ("size", "dim", "numel", "get_device", "new_ones", "new_zeros", "new_full", "new_empty", "new_tensor"):
     register_cd_rule(_name)(lambda x, *args, _name=_name, **kwargs: getattr(x.total, _name)(*args, **kwargs))
 
 
