@@ -22,6 +22,11 @@ CDEPVariant = Literal["image", "text", "shift_invariant"]
 Norm = Literal["l1", "l2"]
 
 
+def _widen(values: Tensor) -> Tensor:
+    """Half-precision values (bf16/fp16 autocast) are reduced in float32; float64 stays float64."""
+    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+
+
 def _reduce(per_sample: Tensor, sample_weights: Tensor | None, reduction: Reduction) -> Tensor:
     if sample_weights is not None:
         per_sample = per_sample * sample_weights.to(per_sample.dtype)
@@ -85,7 +90,7 @@ def cdep_penalty(
         raise XAIConfigurationError(
             f"relevant {tuple(relevant.shape)} and irrelevant {tuple(irrelevant.shape)} must have one shape."
         )
-    relevant, irrelevant = relevant.float(), irrelevant.float()
+    relevant, irrelevant = _widen(relevant), _widen(irrelevant)
     if relevant.dim() == 1:
         relevant, irrelevant = relevant.unsqueeze(1), irrelevant.unsqueeze(1)
     if variant == "image":
@@ -131,7 +136,7 @@ def _as_leaf(inputs: Tensor) -> Tensor:
 
 
 def _target_log_probability(logits: Tensor, target: Tensor | None) -> Tensor:
-    log_probabilities = F.log_softmax(logits.float(), dim=-1)
+    log_probabilities = F.log_softmax(_widen(logits), dim=-1)
     if target is None:
         target = log_probabilities.argmax(-1)
     return log_probabilities.gather(-1, target.long().view(-1, 1)).sum()
@@ -172,10 +177,10 @@ def rrr_penalty(
     """
     inputs = inputs if outputs is not None else _as_leaf(inputs)
     logits = _forward_with_grad(forward, inputs, outputs)
-    summed = F.log_softmax(logits.float(), dim=-1).sum()
+    summed = F.log_softmax(_widen(logits), dim=-1).sum()
     gradient = _input_gradient(summed, inputs)
     mask = broadcast_mask(mask, gradient).to(gradient.dtype)
-    per_sample = _per_sample_sum((gradient * mask).float().pow(2))
+    per_sample = _per_sample_sum(_widen(gradient * mask).pow(2))
     return _reduce(per_sample, sample_weights, reduction)
 
 
@@ -213,7 +218,7 @@ def input_x_gradient_penalty(
     logits = _forward_with_grad(forward, inputs, outputs)
     gradient = _input_gradient(_target_log_probability(logits, target), inputs)
     mask = broadcast_mask(mask, gradient).to(gradient.dtype)
-    per_sample = _per_sample_sum(_norm((inputs * gradient * mask).float(), norm))
+    per_sample = _per_sample_sum(_norm(_widen(inputs * gradient * mask), norm))
     return _reduce(per_sample, sample_weights, reduction)
 
 
@@ -280,5 +285,5 @@ def expected_gradients_penalty(
     gradient = _input_gradient(_target_log_probability(forward(path_points), repeated_target), path_points)
     attribution = (difference * gradient).view(num_references, n, *data.shape[1:]).mean(0)
     mask = broadcast_mask(mask, attribution).to(attribution.dtype)
-    per_sample = _per_sample_sum(_norm((attribution * mask).float(), norm))
+    per_sample = _per_sample_sum(_norm(_widen(attribution * mask), norm))
     return _reduce(per_sample, sample_weights, reduction)
