@@ -48,7 +48,8 @@ class LossTerm(Callback):
         weight: the term's weight at full schedule.
         schedule: ``"constant"``, ``"linear_warmup"`` (over ``warmup_steps``) or ``"dann"``.
         warmup_steps: optimizer steps of the linear warm-up.
-        name: the term's name in logs (``xai/<name>``); must be unique among the trainer's loss terms.
+        name: the term's name in logs (``xai/<name>``) and in its ``state_key``; two terms of one trainer need
+            distinct names (Lightning refuses duplicate state keys).
     """
 
     #: the term differentiates the logits of the step's own forward pass with respect to the input
@@ -103,11 +104,6 @@ class LossTerm(Callback):
                 f"{type(self).__name__} adds a loss term, but {type(pl_module).__name__} does not subclass "
                 f"XAIMixin. Fix: `class {type(pl_module).__name__}(XAIMixin, LightningModule): ...` "
                 "(from lightning_xai import XAIMixin)."
-            )
-        names = [cb.term_name for cb in trainer.callbacks if isinstance(cb, LossTerm)]
-        if names.count(self.term_name) > 1:
-            raise XAIConfigurationError(
-                f"two loss-term callbacks are named {self.term_name!r}; give each a distinct `name=`."
             )
         if stage == "fit" and self.schedule == "dann" and not math.isfinite(trainer.estimated_stepping_batches):
             raise XAIConfigurationError(

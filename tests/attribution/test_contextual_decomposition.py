@@ -283,6 +283,7 @@ def test_lstm_matches_murdoch_reference():
     start, stop = 2, 4
     mask = torch.zeros(3, 7)
     mask[:, start : stop + 1] = 1
+
     class LastHidden(nn.Module):
         def __init__(self):
             super().__init__()

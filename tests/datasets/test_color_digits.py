@@ -112,9 +112,7 @@ def test_upsampled_images(grey_digits: torch.Tensor) -> None:
     assert ds.images.shape == (len(ds), 3, 28, 28)
     assert ds[0][0].shape == (3, 28, 28)
     assert float(ds.images.min()) >= 0.0 and float(ds.images.max()) <= 1.0
-    grey = F.interpolate(
-        grey_digits[ds.indices].unsqueeze(1), size=(28, 28), mode="bilinear", align_corners=False
-    )
+    grey = F.interpolate(grey_digits[ds.indices].unsqueeze(1), size=(28, 28), mode="bilinear", align_corners=False)
     expected = grey.clamp(0, 1) * ds.colours[9 - ds.targets][:, :, None, None]
     assert torch.allclose(ds.images, expected)
     assert ds.occupancy().shape == (28, 28)

@@ -91,9 +91,7 @@ def test_digit_untouched_outside_patch(splits: dict[str, DecoyDigits], padded_di
         assert torch.equal(ds.images[outside], padded_digits[ds.indices][outside])
 
 
-def test_default_patch_never_hides_the_digit(
-    splits: dict[str, DecoyDigits], padded_digits: torch.Tensor
-) -> None:
+def test_default_patch_never_hides_the_digit(splits: dict[str, DecoyDigits], padded_digits: torch.Tensor) -> None:
     for ds in splits.values():
         # The 2-pixel patch sits in the zero padding, where the undecorated image is blank.
         assert torch.all(padded_digits[ds.indices][ds.masks.bool()] == 0)

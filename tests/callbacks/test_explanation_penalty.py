@@ -1,0 +1,359 @@
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.nn import functional as F
+
+from lightning_xai import XAIMixin
+from lightning_xai.attribution import contextual_decomposition
+from lightning_xai.callbacks import ExplanationPenalty
+from lightning_xai.datasets import DecoyDigits
+from lightning_xai.errors import MaskShapeError, MissingBatchKeyError, MissingMixinError, XAIConfigurationError
+from lightning_xai.functional import (
+    cdep_penalty,
+    expected_gradients_penalty,
+    input_x_gradient_penalty,
+    rrr_penalty,
+)
+from lightning_xai.masks import OccupancyMaskSampler
+from tests.helpers import (
+    MLP,
+    DictDataset,
+    LSTMTextClassifier,
+    SmallCNN,
+    TupleDataset,
+    decoy_tabular,
+    loader,
+    token_decoy_data,
+    trainer,
+)
+
+METHODS = ["cdep", "rrr", "expected_gradients", "input_x_gradient"]
+
+
+def _functional_penalty(method, model, x, y, mask):
+    if method == "cdep":
+        return cdep_penalty(*contextual_decomposition(model, x, mask))
+    if method == "rrr":
+        return rrr_penalty(model, x, mask)
+    if method == "input_x_gradient":
+        return input_x_gradient_penalty(model, x, mask, y)
+    return expected_gradients_penalty(model, x, mask, y, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("batch_kind", ["tuple", "dict"])
+@pytest.mark.parametrize("method", METHODS)
+def test_one_step_adds_exactly_the_weighted_penalty_gradient(method, batch_kind):
+    torch.manual_seed(0)
+    x, y, mask = decoy_tabular(8)
+    dataset = TupleDataset(x, y, mask) if batch_kind == "tuple" else DictDataset(input=x, target=y, mask=mask)
+    model = MLP(optimizer="sgd", lr=0.5)
+    reference = copy.deepcopy(model)
+    weight = 3.0
+    run = trainer(max_steps=1, callbacks=[ExplanationPenalty(method=method, weight=weight)])
+    run.fit(model, loader(dataset, 8))
+
+    loss = F.cross_entropy(reference(x), y) + weight * _functional_penalty(method, reference, x, y, mask)
+    gradients = torch.autograd.grad(loss, list(reference.parameters()))
+    for parameter, before, gradient in zip(model.parameters(), reference.parameters(), gradients):
+        torch.testing.assert_close(parameter.detach(), before.detach() - 0.5 * gradient, atol=1e-5, rtol=1e-4)
+    logged = run.callback_metrics
+    assert logged[f"xai/{method}_step"].item() == pytest.approx(
+        _functional_penalty(method, reference, x, y, mask).item(), rel=1e-4
+    )
+    assert logged["xai/total_step"].item() == pytest.approx(weight * logged[f"xai/{method}_step"].item(), rel=1e-5)
+
+
+DECOY_CASES = {
+    # The paper's CDEP variant can be lowered by raising every irrelevant logit, so it only partly removes the
+    # decoy here; the shift-invariant variant cannot be gamed that way.
+    "cdep_paper": (dict(method="cdep", weight=100.0), 0.55),
+    "cdep_shift_invariant": (dict(method="cdep", weight=20.0, cdep_variant="shift_invariant"), 0.85),
+    "rrr": (dict(method="rrr", weight=10.0), 0.75),
+    "expected_gradients": (dict(method="expected_gradients", weight=50.0), 0.75),
+    "input_x_gradient": (dict(method="input_x_gradient", weight=50.0), 0.75),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DECOY_CASES))
+def test_penalty_stops_the_model_from_using_the_decoy(case):
+    arguments, threshold = DECOY_CASES[case]
+    x, y, mask = decoy_tabular(256, seed=0)
+    x_test, y_test, _ = decoy_tabular(512, seed=1, reversed_decoy=True)
+    accuracies = {}
+    for penalised in (False, True):
+        torch.manual_seed(0)
+        model = MLP(lr=0.02)
+        callbacks = [ExplanationPenalty(**arguments)] if penalised else []
+        trainer(max_epochs=15, callbacks=callbacks).fit(model, loader(DictDataset(input=x, target=y, mask=mask), 64))
+        with torch.no_grad():
+            accuracies[penalised] = (model(x_test).argmax(1) == y_test).float().mean().item()
+    # Vanilla follows the decoy, which is reversed at test time; the penalised model reads the signal.
+    assert accuracies[False] < 0.2
+    assert accuracies[True] > threshold
+
+
+def test_dict_returning_step_and_extra_keys_are_kept():
+    class DictStep(MLP):
+        def training_step(self, batch, batch_idx):
+            loss = F.cross_entropy(self(batch["input"]), batch["target"])
+            return {"loss": loss, "plain": loss.detach()}
+
+    seen = {}
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.update(outputs)
+
+    x, y, mask = decoy_tabular(8)
+    trainer(max_steps=1, callbacks=[ExplanationPenalty(method="rrr", weight=2.0), Spy()]).fit(
+        DictStep(), loader(DictDataset(input=x, target=y, mask=mask), 8)
+    )
+    assert seen["loss"].item() > seen["plain"].item()  # the penalty was added to 'loss' only
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    x, y, mask = decoy_tabular(8)
+    data = DictDataset(input=x, target=y, mask=mask)
+    torch.manual_seed(0)
+    accumulated, large = MLP(optimizer="sgd", lr=0.5), None
+    large = copy.deepcopy(accumulated)
+    trainer(max_steps=1, accumulate_grad_batches=2, callbacks=[ExplanationPenalty(method="rrr", weight=5.0)]).fit(
+        accumulated, loader(data, 4)
+    )
+    trainer(max_steps=1, callbacks=[ExplanationPenalty(method="rrr", weight=5.0)]).fit(large, loader(data, 8))
+    for a, b in zip(accumulated.parameters(), large.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_resume_from_checkpoint_continues_schedule_and_counters(tmp_path):
+    x, y, mask = decoy_tabular(64)
+    data = loader(DictDataset(input=x, target=y, mask=mask), 8)
+    penalty = ExplanationPenalty(method="rrr", weight=4.0, schedule="linear_warmup", warmup_steps=10)
+    first = trainer(max_steps=3, callbacks=[penalty])
+    first.fit(MLP(), data)
+    assert penalty.last_weight == pytest.approx(4.0 * 2 / 10)
+    checkpoint = tmp_path / "three.ckpt"
+    first.save_checkpoint(checkpoint)
+    saved = torch.load(checkpoint, weights_only=False)["callbacks"][penalty.state_key]
+    assert saved["steps_seen"] == 2  # the weight is 0 at step 0, so the term is not even computed there
+
+    resumed_penalty = ExplanationPenalty(method="rrr", weight=4.0, schedule="linear_warmup", warmup_steps=10)
+    second = trainer(max_steps=6, callbacks=[resumed_penalty])
+    second.fit(MLP(), data, ckpt_path=checkpoint)
+    assert resumed_penalty.steps_seen == 5  # 2 restored + 3 new
+    assert resumed_penalty.last_weight == pytest.approx(4.0 * 5 / 10)  # step 5 of the warm-up, not step 2
+
+
+def test_dann_schedule_grows_with_progress():
+    x, y, mask = decoy_tabular(32)
+    penalty = ExplanationPenalty(method="rrr", weight=1.0, schedule="dann")
+    trainer(max_epochs=2, callbacks=[penalty]).fit(MLP(), loader(DictDataset(input=x, target=y, mask=mask), 8))
+    # last step is global step 7 of 8: p = 7/8
+    assert penalty.last_weight == pytest.approx(2 / (1 + torch.exp(torch.tensor(-10 * 7 / 8)).item()) - 1)
+
+
+def test_sampler_masks_resume_to_the_same_draws(tmp_path):
+    sampler = OccupancyMaskSampler(num_masks=2, seed=3)
+    data = torch.rand(10, 1, 4, 4)
+    first = sampler.sample(data)
+    state = copy.deepcopy(sampler.state_dict())
+    second = sampler.sample(data)
+    restored = OccupancyMaskSampler(num_masks=2, seed=99)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.sample(data), second) and not torch.equal(first, second)
+
+
+def test_cdep_with_occupancy_sampler_on_images():
+    digits = DecoyDigits("train")
+    data = DictDataset(input=digits.images[:64], target=digits.targets[:64])
+    penalty = ExplanationPenalty(method="cdep", weight=1.0, mask_sampler=OccupancyMaskSampler(num_masks=3))
+    run = trainer(max_steps=2, callbacks=[penalty])
+    run.fit(SmallCNN(), loader(data, 32))
+    assert 0 < run.callback_metrics["xai/cdep_step"].item() < 1
+    assert penalty.mask_sampler.occupancy.shape == (12, 12)
+
+
+def test_samples_without_annotation_are_skipped():
+    x, y, mask = decoy_tabular(8)
+    annotations = [m if i % 2 == 0 else None for i, m in enumerate(mask)]
+    model = MLP()
+    batch = {"input": x, "target": y, "mask": annotations}
+    penalty = ExplanationPenalty(method="rrr")
+    run = trainer(max_steps=1, callbacks=[penalty])
+    reference = copy.deepcopy(model)
+    run.fit(model, loader([batch], 1, collate_fn=lambda items: items[0]))
+    expected = rrr_penalty(reference, x, mask, sample_weights=torch.tensor([1.0, 0] * 4))
+    everything = rrr_penalty(reference, x, mask)
+    assert run.callback_metrics["xai/rrr_step"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert expected.item() < everything.item()
+
+
+# ------------------------------------------------------------------------------------- text
+
+
+def _text_loader(n=64, batch_size=16):
+    ids, labels, spans = token_decoy_data(n)
+    items = [{"input_ids": ids[i], "labels": labels[i], "rationale": [(2, 3)]} for i in range(n)]
+
+    def collate(batch):
+        return {
+            "input_ids": torch.stack([b["input_ids"] for b in batch]),
+            "labels": torch.stack([b["labels"] for b in batch]),
+            "rationale": [b["rationale"] for b in batch],
+        }
+
+    return loader(items, batch_size, collate_fn=collate), ids, labels
+
+
+# Squared gradients with respect to embeddings are small: gradient penalties on text need a larger lambda.
+TEXT_WEIGHTS = {"cdep": 10.0, "rrr": 1000.0, "input_x_gradient": 1000.0, "expected_gradients": 10.0}
+
+
+@pytest.mark.parametrize("method", sorted(TEXT_WEIGHTS))
+def test_lstm_text_penalties_on_token_spans(method):
+    data, ids, labels = _text_loader()
+    variant = "text" if method == "cdep" else "image"
+    torch.manual_seed(0)
+    model = LSTMTextClassifier()
+    span_mask = torch.zeros_like(ids, dtype=torch.float)
+    span_mask[:, 2] = 1
+    before = _decoy_reliance(model, ids, labels, span_mask)
+    penalty = ExplanationPenalty(method=method, weight=TEXT_WEIGHTS[method], mask_key="rationale", cdep_variant=variant)
+    run = trainer(max_epochs=10, callbacks=[penalty])
+    run.fit(model, data)
+    assert torch.isfinite(run.callback_metrics[f"xai/{method}_step"])
+    torch.manual_seed(0)
+    vanilla = LSTMTextClassifier()
+    trainer(max_epochs=10).fit(vanilla, data)
+    # the vanilla model learns to read the decoy token; the penalised one relies on it much less
+    assert _decoy_reliance(vanilla, ids, labels, span_mask) > before
+    assert _decoy_reliance(model, ids, labels, span_mask) < 0.5 * _decoy_reliance(vanilla, ids, labels, span_mask)
+
+
+def _decoy_reliance(model, ids, labels, span_mask):
+    """Mean change of the true-class probability when the decoy token is replaced by a neutral one."""
+    occluded = ids.clone()
+    occluded[span_mask.bool()] = 0
+    with torch.no_grad():
+        p = torch.softmax(model(ids), 1).gather(1, labels.view(-1, 1))
+        p_occluded = torch.softmax(model(occluded), 1).gather(1, labels.view(-1, 1))
+    return (p - p_occluded).abs().mean().item()
+
+
+def test_gradient_penalty_on_text_without_embedding_hooks_explains_the_fix():
+    class NoHooks(LSTMTextClassifier):
+        xai_embed = XAIMixin.xai_embed
+
+    data, _, _ = _text_loader(16, 8)
+    with pytest.raises(XAIConfigurationError, match="xai_embed"):
+        trainer(max_steps=1, callbacks=[ExplanationPenalty(method="rrr", mask_key="rationale")]).fit(NoHooks(), data)
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+def test_module_without_mixin_fails_in_setup_with_the_fix():
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 2)
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch["input"]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    x, y, mask = decoy_tabular(8)
+    with pytest.raises(MissingMixinError, match=r"class Plain\(XAIMixin, LightningModule\)"):
+        trainer(max_steps=1, callbacks=[ExplanationPenalty()]).fit(
+            Plain(), loader(DictDataset(input=x, target=y, mask=mask), 8)
+        )
+
+
+def test_missing_batch_key_names_callback_key_and_available_keys():
+    x, y, _ = decoy_tabular(8)
+    with pytest.raises(
+        MissingBatchKeyError, match=r"ExplanationPenalty\(method='rrr'.*'forbidden'.*\['input', 'target'\]"
+    ):
+        trainer(max_steps=1, callbacks=[ExplanationPenalty(method="rrr", mask_key="forbidden")]).fit(
+            MLP(), loader(DictDataset(input=x, target=y), 8)
+        )
+
+
+def test_wrong_mask_shape_names_callback_and_key():
+    x, y, _ = decoy_tabular(8)
+    with pytest.raises(MaskShapeError, match=r"batch key 'mask'.*\(8, 3\)"):
+        trainer(max_steps=1, callbacks=[ExplanationPenalty(method="cdep")]).fit(
+            MLP(), loader(DictDataset(input=x, target=y, mask=torch.ones(8, 3)), 8)
+        )
+
+
+def test_duplicate_term_names_and_bad_arguments_are_refused():
+    x, y, mask = decoy_tabular(8)
+    with pytest.raises(RuntimeError, match="state_key"):  # Lightning's own check of unique state keys
+        trainer(max_steps=1, callbacks=[ExplanationPenalty(method="rrr"), ExplanationPenalty(method="rrr")]).fit(
+            MLP(), loader(DictDataset(input=x, target=y, mask=mask), 8)
+        )
+    with pytest.raises(XAIConfigurationError, match="method must be one of"):
+        ExplanationPenalty(method="lrp")
+    with pytest.raises(XAIConfigurationError, match="warmup_steps > 0"):
+        ExplanationPenalty(schedule="linear_warmup")
+    with pytest.raises(XAIConfigurationError, match="weight must be"):
+        ExplanationPenalty(weight=float("nan"))
+
+
+def test_manual_optimization_requires_xai_loss_and_works_with_it():
+    class Manual(MLP):
+        def __init__(self, call_xai_loss):
+            super().__init__(optimizer="sgd", lr=0.5)
+            self.automatic_optimization = False
+            self.call_xai_loss = call_xai_loss
+
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            loss = F.cross_entropy(self(batch["input"]), batch["target"])
+            if self.call_xai_loss:
+                loss = loss + self.xai_loss(batch)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+
+    x, y, mask = decoy_tabular(8)
+    data = loader(DictDataset(input=x, target=y, mask=mask), 8)
+    with pytest.raises(XAIConfigurationError, match=r"self\.xai_loss\(batch\)"):
+        trainer(max_steps=1, callbacks=[ExplanationPenalty(method="rrr")]).fit(Manual(False), data)
+
+    torch.manual_seed(0)
+    manual = Manual(True)
+    automatic = MLP(optimizer="sgd", lr=0.5)
+    automatic.load_state_dict(manual.state_dict())
+    trainer(max_steps=1, callbacks=[ExplanationPenalty(method="rrr", weight=2.0)]).fit(manual, data)
+    trainer(max_steps=1, callbacks=[ExplanationPenalty(method="rrr", weight=2.0)]).fit(automatic, data)
+    for a, b in zip(manual.parameters(), automatic.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_non_finite_term_is_skipped_with_a_warning():
+    x, y, mask = decoy_tabular(8)
+    x[0, 1] = float("nan")
+    penalty = ExplanationPenalty(method="rrr")
+    model = MLP()
+    with pytest.warns(UserWarning, match="left out of this step's loss"):
+        trainer(max_steps=1, callbacks=[penalty]).fit(model, loader(DictDataset(input=x, target=y, mask=mask), 8))
+    assert penalty.steps_skipped == 1
+
+
+def test_bf16_autocast_penalties_are_close_to_fp32():
+    x, y, mask = decoy_tabular(16)
+    data = loader(DictDataset(input=x, target=y, mask=mask), 16)
+    for method in ("cdep", "rrr"):
+        values = {}
+        for precision in ("32-true", "bf16-mixed"):
+            torch.manual_seed(0)
+            run = trainer(max_steps=1, precision=precision, callbacks=[ExplanationPenalty(method=method)])
+            run.fit(MLP(), data)
+            values[precision] = run.callback_metrics[f"xai/{method}_step"].item()
+        assert values["bf16-mixed"] == pytest.approx(values["32-true"], rel=0.05)
