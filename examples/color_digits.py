@@ -11,8 +11,10 @@ Run ``make demo`` or ``python examples/color_digits.py --help``.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -34,6 +36,10 @@ from lightning_xai import XAIMixin  # noqa: E402
 from lightning_xai.callbacks import ExplanationPenalty  # noqa: E402
 from lightning_xai.datasets import ColorDigits  # noqa: E402
 from lightning_xai.masks import OccupancyMaskSampler  # noqa: E402
+
+# The demo prints its own progress and table; Lightning's per-run banners would bury them.
+logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=r".*(LeafSpec|log_every_n_steps|does not have many workers|litlogger).*")
 
 METHODS = ("vanilla", "cdep", "rrr", "expected_gradients")
 DEFAULT_WEIGHTS = {"cdep": 1000.0, "rrr": 1000.0, "expected_gradients": 1000.0}

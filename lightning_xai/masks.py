@@ -19,7 +19,7 @@ def spans_to_mask(spans: Sequence[Sequence[tuple[int, int]] | None], length: int
 
     ``None`` (or an empty list) marks a sample without annotation: its row stays zero.
 
-    Example:
+    Examples:
         >>> spans_to_mask([[(1, 3)], None, [(0, 1), (4, 5)]], length=5)
         tensor([[0., 1., 1., 0., 0.],
                 [0., 0., 0., 0., 0.],
@@ -48,7 +48,7 @@ def masks_from_annotations(annotation: Any, inputs: Tensor) -> tuple[Tensor, Ten
         The mask shaped to broadcast against ``inputs`` and a ``(N,)`` float tensor that is 1 for samples
         with an annotation.
 
-    Example:
+    Examples:
         >>> mask, annotated = masks_from_annotations([torch.ones(2), None], torch.zeros(2, 2))
         >>> mask, annotated
         (tensor([[1., 1.],
@@ -115,14 +115,16 @@ class OccupancyMaskSampler:
         occupancy: feature occupancy, shaped like one sample without channels (``(H, W)`` or ``(D,)``).
         seed: seed of the sampler's own generator (its state is saved in checkpoints).
 
-    Example:
+    Examples:
         >>> sampler = OccupancyMaskSampler(num_masks=2, occupancy=torch.tensor([[0.0, 1.0], [1.0, 1.0]]))
         >>> masks = sampler.sample(torch.ones(3, 3, 2, 2))
         >>> masks.shape, masks.sum((1, 2, 3)).tolist(), masks[:, 0, 0, 0].sum().item()
         (torch.Size([6, 1, 2, 2]), [1.0, 1.0, 1.0, 1.0, 1.0, 1.0], 0.0)
     """
 
-    def __init__(self, num_masks: int = 1, occupancy: Tensor | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, num_masks: int = 1, occupancy: Tensor | list[float] | list[list[float]] | None = None, seed: int = 0
+    ) -> None:
         if num_masks < 1:
             raise ValueError(f"num_masks must be >= 1, got {num_masks}.")
         self.num_masks = num_masks

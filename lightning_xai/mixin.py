@@ -121,7 +121,7 @@ class XAIMixin:
     * :meth:`xai_embed` and :meth:`xai_forward_from_embeddings` for text models, so that gradient
       penalties act on token embeddings.
 
-    Example:
+    Examples:
         >>> import pytorch_lightning as pl
         >>> import torch
         >>> from lightning_xai import XAIMixin

@@ -52,7 +52,7 @@ def register_cd_rule(*targets: type[nn.Module] | Callable | str) -> Callable[[Ru
     :class:`~lightning_xai.functional.contextual_decomposition.Decomposition`; the rule returns one (or a
     tuple containing them). Modules with a registered rule are not traced into.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from lightning_xai.attribution import contextual_decomposition, register_cd_rule

@@ -177,7 +177,7 @@ def contextual_decomposition(
             module path and the operation.
         MaskShapeError: the mask does not fit the inputs.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> _ = torch.manual_seed(0)

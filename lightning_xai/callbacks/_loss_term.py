@@ -22,7 +22,7 @@ def schedule_factor(schedule: Schedule, step: int, total_steps: float, warmup_st
     * ``linear_warmup``: ``min(1, step / warmup_steps)``.
     * ``dann``: ``2 / (1 + exp(-10 p)) - 1`` with training progress ``p = step / total_steps`` (Ganin et al.).
 
-    Example:
+    Examples:
         >>> schedule_factor("linear_warmup", 5, 100, warmup_steps=10)
         0.5
         >>> round(schedule_factor("dann", 50, 100), 4)

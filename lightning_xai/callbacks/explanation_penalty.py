@@ -53,7 +53,7 @@ def _tile(value: Any, times: int, n: int) -> Any:
 class ExplanationPenalty(LossTerm):
     """Adds an explanation penalty to the loss so that the model stops using the masked features.
 
-    Methods:
+    The methods:
         * ``"cdep"``: contextual decomposition explanation penalization (Rieger et al., ICML 2020); costs
           about two forward streams.
         * ``"rrr"``: right for the right reasons, squared input gradients of the summed log-probabilities
@@ -85,7 +85,7 @@ class ExplanationPenalty(LossTerm):
         name: name of the term in the logs, ``xai/<name>``; defaults to the method.
         seed: seed of the penalty's random draws (Expected-Gradients references and path points).
 
-    Example:
+    Examples:
         >>> import pytorch_lightning as pl
         >>> penalty = ExplanationPenalty(method="rrr", weight=10.0, mask_key="mask")
         >>> penalty.term_name, penalty.state_key
@@ -97,7 +97,7 @@ class ExplanationPenalty(LossTerm):
         method: Method = "cdep",
         weight: float = 1.0,
         mask_key: str = "mask",
-        mask: Tensor | None = None,
+        mask: Tensor | list[float] | list[list[float]] | None = None,
         mask_sampler: OccupancyMaskSampler | None = None,
         schedule: Schedule = "constant",
         warmup_steps: int = 0,
@@ -145,6 +145,16 @@ class ExplanationPenalty(LossTerm):
                 f"{self._where} differentiates input gradients (a double backward), which torch.compile does not "
                 "support. Train without torch.compile, or use method='cdep'."
             )
+        if self.method != "cdep":
+            for path, module in pl_module.named_modules():
+                attention = getattr(getattr(module, "config", None), "_attn_implementation", None)
+                if attention in ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"):
+                    raise XAIConfigurationError(
+                        f"{self._where} needs a double backward through attention, but '{path or '<root>'}' uses "
+                        f"attn_implementation={attention!r}, whose kernels have no double backward. Build the "
+                        "model with attn_implementation='eager' (from_pretrained(..., attn_implementation='eager') "
+                        "or config._attn_implementation = 'eager')."
+                    )
 
     # ----------------------------------------------------------------- masks
 

@@ -34,7 +34,7 @@ def digit_colours() -> torch.Tensor:
     Returns:
         Float32 tensor of shape ``(10, 3)``; row ``k`` is the RGB colour of class ``k``, in [0, 1].
 
-    Example:
+    Examples:
         >>> colours = digit_colours()
         >>> colours.shape
         torch.Size([10, 3])
@@ -73,7 +73,7 @@ class ColorDigits(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     Raises:
         ValueError: If ``split``, ``image_size`` or a fraction is invalid.
 
-    Example:
+    Examples:
         >>> train = ColorDigits("train")
         >>> test = ColorDigits("test")
         >>> image, target = train[0]
@@ -136,7 +136,7 @@ class ColorDigits(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             Float32 tensor of shape ``(image_size, image_size)`` with values in [0, 1]; all zeros when the
             dataset is empty.
 
-        Example:
+        Examples:
             >>> occ = ColorDigits("train").occupancy()
             >>> occ.shape, bool(((occ >= 0) & (occ <= 1)).all())
             (torch.Size([8, 8]), True)

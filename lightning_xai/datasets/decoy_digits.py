@@ -31,7 +31,7 @@ def decoy_levels() -> torch.Tensor:
         Float32 tensor of shape ``(10,)``, from 1.0 for class 0 down to 0.1 for class 9; never 0, so the
         patch always differs from the zero padding.
 
-    Example:
+    Examples:
         >>> [round(v, 2) for v in decoy_levels().tolist()]
         [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
     """
@@ -71,7 +71,7 @@ class DecoyDigits(Dataset[dict[str, torch.Tensor]]):
     Raises:
         ValueError: If ``split``, ``patch_size`` or a fraction is invalid.
 
-    Example:
+    Examples:
         >>> train = DecoyDigits("train")
         >>> sample = train[0]
         >>> sorted(sample), sample["input"].shape, sample["target"].dtype

@@ -18,7 +18,7 @@ def broadcast_mask(mask: Tensor, inputs: Tensor) -> Tensor:
     Raises:
         MaskShapeError: if none of these fits, naming both shapes.
 
-    Example:
+    Examples:
         >>> broadcast_mask(torch.ones(2, 5, 5), torch.zeros(2, 3, 5, 5)).shape
         torch.Size([2, 1, 5, 5])
         >>> broadcast_mask(torch.ones(2, 7), torch.zeros(2, 7, 16)).shape

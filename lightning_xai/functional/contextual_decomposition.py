@@ -72,7 +72,7 @@ def relevant_share(relevant: Tensor, irrelevant: Tensor) -> Tensor:
 
     Where both parts are zero the share is the sample's :func:`tie_share` (0 outside of one).
 
-    Example:
+    Examples:
         >>> relevant_share(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([3.0, 2.0, 0.0]))
         tensor([0.2500, 0.0000, 0.0000])
         >>> with tie_share(torch.tensor([0.5])):
@@ -94,7 +94,7 @@ def relevant_share(relevant: Tensor, irrelevant: Tensor) -> Tensor:
 def add_constant(value: Decomposition, constant: Tensor | float) -> Decomposition:
     """Adds a constant (a bias) and splits it in proportion to the magnitudes of the two parts.
 
-    Example:
+    Examples:
         >>> d = add_constant(Decomposition(torch.tensor([1.0, 0.0]), torch.tensor([2.0, 1.0])), 4.0)
         >>> d.relevant, d.total
         (tensor([3., 0.]), tensor([6., 5.]))
@@ -124,7 +124,7 @@ def decompose_elementwise(value: Decomposition, fn: Callable[[Tensor], Tensor]) 
     ``relevant' = fn(relevant) - fn(0)`` and ``total' = fn(total)``; the offset ``fn(0)`` (0.5 for a
     sigmoid, log 2 for a softplus) is a constant and is split like a bias.
 
-    Example:
+    Examples:
         >>> d = decompose_elementwise(Decomposition(torch.tensor([1.0, -1.0]), torch.tensor([3.0, 2.0])), torch.relu)
         >>> d.relevant, d.irrelevant
         (tensor([1., 0.]), tensor([2., 2.]))

@@ -78,7 +78,7 @@ def cdep_penalty(
         sample_weights: ``(N,)`` weights, 0 for samples without an annotation.
         reduction: ``"mean"`` over the whole batch, ``"sum"`` or ``"none"``.
 
-    Example:
+    Examples:
         >>> rel = torch.tensor([[0.0, 0.0], [2.0, -2.0]])
         >>> irrel = torch.tensor([[1.0, -1.0], [0.0, 0.0]])
         >>> cdep_penalty(rel, irrel, reduction="none")
@@ -164,7 +164,7 @@ def rrr_penalty(
         sample_weights: ``(N,)`` weights, 0 for samples without an annotation.
         reduction: ``"mean"`` over the whole batch, ``"sum"`` or ``"none"``.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(3, 2)
         >>> with torch.no_grad():
         ...     _ = model.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]))
@@ -208,7 +208,7 @@ def input_x_gradient_penalty(
         sample_weights: ``(N,)`` weights, 0 for samples without an annotation.
         reduction: ``"mean"`` over the whole batch, ``"sum"`` or ``"none"``.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(2, 2)
         >>> x = torch.tensor([[1.0, 2.0]])
         >>> input_x_gradient_penalty(model, x, torch.tensor([[0.0, 0.0]]), target=torch.tensor([0]))
@@ -254,7 +254,7 @@ def expected_gradients_penalty(
         reduction: ``"mean"`` over the whole batch, ``"sum"`` or ``"none"``.
         generator: random generator for the references and the path positions.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(4, 3)
         >>> x = torch.randn(8, 4)

@@ -1,0 +1,154 @@
+"""Cost of each explanation penalty as a ratio to a vanilla training step, measured in one run.
+
+Steps run through the real path (Trainer -> XAIMixin -> ExplanationPenalty); a callback times each
+training batch and the median after warm-up is reported. Models: the demo CNN on 28x28 ColorDigits-sized
+inputs (batch 256) and an Embedding + LSTM text classifier (batch 64, 40 tokens).
+
+    python benchmarks/penalty_overhead.py [--steps 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from color_digits import ColorCNN  # noqa: E402
+
+from lightning_xai import XAIMixin  # noqa: E402
+from lightning_xai.callbacks import ExplanationPenalty  # noqa: E402
+from lightning_xai.masks import OccupancyMaskSampler  # noqa: E402
+
+logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore")
+TARGETS = {"cdep": 2.5, "rrr": 3.0, "expected_gradients": 3.0, "input_x_gradient": 3.0}
+
+
+class LSTMClassifier(XAIMixin, pl.LightningModule):
+    def __init__(self, vocab: int = 2000, embed: int = 64, hidden: int = 64) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, embed)
+        self.lstm = nn.LSTM(embed, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 2)
+
+    def forward(self, ids):
+        return self.xai_forward_from_embeddings(self.embedding(ids), {})
+
+    def xai_embed(self, input_ids):
+        return self.embedding(input_ids)
+
+    def xai_forward_from_embeddings(self, embeddings, batch):
+        output, _ = self.lstm(embeddings)
+        return self.head(output[:, -1])
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch["input"]), batch["target"])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class _StepTimer(pl.Callback):
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.durations.append(time.perf_counter() - self._start)
+
+
+def _median_step(model_factory, batch, callbacks, steps: int) -> float:
+    torch.manual_seed(0)
+    timer = _StepTimer()
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer, *callbacks],
+    )
+    trainer.fit(model_factory(), DataLoader([batch] * steps, batch_size=None))
+    return statistics.median(timer.durations[2:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    args = parser.parse_args()
+    console = Console()
+    generator = torch.Generator().manual_seed(0)
+
+    images = torch.rand(256, 3, 28, 28, generator=generator) * (torch.rand(256, 1, 28, 28, generator=generator) > 0.6)
+    pixel_mask = torch.zeros(256, 1, 28, 28)
+    pixel_mask[torch.arange(256), 0, torch.randint(0, 28, (256,)), torch.randint(0, 28, (256,))] = 1
+    cnn_batch = {"input": images, "target": torch.randint(0, 10, (256,)), "mask": pixel_mask}
+    ids = torch.randint(0, 2000, (64, 40), generator=generator)
+    span_mask = torch.zeros(64, 40)
+    span_mask[:, 10:15] = 1
+    lstm_batch = {"input": ids, "target": torch.randint(0, 2, (64,)), "mask": span_mask}
+
+    setups = [
+        (
+            "CNN 28x28, batch 256",
+            lambda: ColorCNN(28),
+            cnn_batch,
+            {
+                "cdep (sampler, 1 pixel/sample)": lambda: ExplanationPenalty(
+                    method="cdep", mask_sampler=OccupancyMaskSampler(occupancy=torch.ones(28, 28))
+                ),
+                "cdep": lambda: ExplanationPenalty(method="cdep"),
+                "rrr": lambda: ExplanationPenalty(method="rrr"),
+                "expected_gradients": lambda: ExplanationPenalty(method="expected_gradients"),
+                "input_x_gradient": lambda: ExplanationPenalty(method="input_x_gradient"),
+            },
+        ),
+        (
+            "LSTM 40 tokens, batch 64",
+            LSTMClassifier,
+            lstm_batch,
+            {
+                "cdep": lambda: ExplanationPenalty(method="cdep", cdep_variant="text"),
+                "rrr": lambda: ExplanationPenalty(method="rrr"),
+                "expected_gradients": lambda: ExplanationPenalty(method="expected_gradients"),
+                "input_x_gradient": lambda: ExplanationPenalty(method="input_x_gradient"),
+            },
+        ),
+    ]
+    table = Table(
+        title=f"Training-step cost relative to a vanilla step (median of {args.steps - 2} steps, CPU, "
+        f"{torch.get_num_threads()} threads)"
+    )
+    for column in ("model", "penalty", "ms / step", "x vanilla", "target"):
+        table.add_column(column, justify="left" if column in ("model", "penalty") else "right")
+    for title, factory, batch, penalties in setups:
+        vanilla = _median_step(factory, batch, [], args.steps)
+        table.add_row(title, "vanilla", f"{1000 * vanilla:.1f}", "1.00", "")
+        for label, make in penalties.items():
+            seconds = _median_step(factory, batch, [make()], args.steps)
+            target = TARGETS.get(label.split(" ")[0])
+            table.add_row(
+                "", label, f"{1000 * seconds:.1f}", f"{seconds / vanilla:.2f}", f"<= {target}" if target else ""
+            )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
