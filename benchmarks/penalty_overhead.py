@@ -61,6 +61,13 @@ class LSTMClassifier(XAIMixin, pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
+class DemoCNN(ColorCNN):
+    """The demo's CNN, reading the benchmark's dict batches."""
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch["input"]), batch["target"])
+
+
 class _StepTimer(pl.Callback):
     def __init__(self) -> None:
         self.durations: list[float] = []
@@ -108,7 +115,7 @@ def main() -> None:
     setups = [
         (
             "CNN 28x28, batch 256",
-            lambda: ColorCNN(28),
+            lambda: DemoCNN(28),
             cnn_batch,
             {
                 "cdep (sampler, 1 pixel/sample)": lambda: ExplanationPenalty(

@@ -103,14 +103,19 @@ def find_method_rule(name: str) -> Rule | None:
     return _METHOD_RULES.get(name)
 
 
-def has_decomposition(value: Any) -> bool:
-    if isinstance(value, Decomposition):
+def contains(value: Any, kind: type) -> bool:
+    """Whether ``value`` or anything nested in its lists, tuples and dicts is a ``kind``."""
+    if isinstance(value, kind):
         return True
     if isinstance(value, (list, tuple)):
-        return any(has_decomposition(v) for v in value)
+        return any(contains(v, kind) for v in value)
     if isinstance(value, dict):
-        return any(has_decomposition(v) for v in value.values())
+        return any(contains(v, kind) for v in value.values())
     return False
+
+
+def has_decomposition(value: Any) -> bool:
+    return contains(value, Decomposition)
 
 
 def _as_decomposition(value: Any, like: Decomposition) -> Decomposition:

@@ -18,6 +18,7 @@ from torch import Tensor, fx, nn
 
 from lightning_xai.attribution._cd_rules import (
     TokenIds,
+    contains,
     find_callable_rule,
     find_method_rule,
     find_module_rule,
@@ -128,13 +129,7 @@ class _CDInterpreter(fx.Interpreter):
 
 
 def _has_token_ids(value: Any) -> bool:
-    if isinstance(value, TokenIds):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_has_token_ids(v) for v in value)
-    if isinstance(value, dict):
-        return any(_has_token_ids(v) for v in value.values())
-    return False
+    return contains(value, TokenIds)
 
 
 def _unwrap_token_ids(value: Any) -> Any:
