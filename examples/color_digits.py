@@ -151,7 +151,7 @@ def main() -> None:
     for method, weight in DEFAULT_WEIGHTS.items():
         parser.add_argument(f"--{method.replace('_', '-')}-weight", type=float, default=weight)
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=max(100, Console().width))
     args.output_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -204,7 +204,7 @@ def main() -> None:
 
     table = Table(title=f"ColorDigits {args.image_size}x{args.image_size}: reversed-colour test accuracy")
     for column in ("method", "accuracy %", "spread (std)", "per seed", "seconds / run"):
-        table.add_column(column, justify="right" if column != "method" else "left")
+        table.add_column(column, justify="right" if column != "method" else "left", no_wrap=True)
     paper = {"vanilla": "0.0", "cdep": "25-31", "rrr": "0.4", "expected_gradients": "0.4"}
     for method in args.methods:
         values = accuracies[method]
