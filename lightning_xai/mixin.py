@@ -228,14 +228,15 @@ class XAIMixin:
         return [callback for callback in trainer.callbacks if isinstance(callback, LossTerm)]
 
     def _xai_prepare(self, context: StepContext, terms: list[LossTerm]) -> list[Callable[[], None]]:
-        """Makes the step's own forward pass reusable by input-gradient terms (no second forward)."""
+        """Lets terms hook into the step's own forward pass, so that they need no second forward."""
+        removers = [remover for term in terms if (remover := term.prepare_step(self, context)) is not None]
         if type(self).xai_forward is not XAIMixin.xai_forward:
-            return []
+            return removers
         if not any(term.reuses_step_forward for term in terms):
-            return []
+            return removers
         inputs = context.data.get("input")
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or not inputs.is_leaf:
-            return []
+            return removers
         inputs.requires_grad_(True)
 
         def capture(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -244,10 +245,7 @@ class XAIMixin:
 
         handle = self.register_forward_hook(capture)  # type: ignore[attr-defined]
 
-        def remove() -> None:
-            handle.remove()
-
-        return [remove]
+        return [*removers, handle.remove]
 
     def _xai_total(self, context: StepContext, terms: list[LossTerm]) -> Tensor:
         trainer = self._trainer  # type: ignore[attr-defined]

@@ -183,6 +183,22 @@ def contextual_decomposition(
         >>> torch.allclose(relevant + irrelevant, model(x), atol=1e-5)
         True
     """
+    output = decompose(model, inputs, mask, additional_forward_args, forward)
+    return output.relevant, output.irrelevant
+
+
+def decompose(
+    model: nn.Module,
+    inputs: Tensor,
+    mask: Tensor,
+    additional_forward_args: tuple[Any, ...] = (),
+    forward: Callable[..., Any] | None = None,
+) -> Decomposition:
+    """Like :func:`contextual_decomposition`, but returns the two streams: the relevant part and the output.
+
+    The ``total`` stream is the model's (eval-mode) output itself, so it can stand in for the forward
+    pass: CDEP uses it as the step's logits when the network behaves the same in train and eval mode.
+    """
     if len(additional_forward_args) > _MAX_EXTRA_ARGS:
         raise ValueError(
             f"contextual_decomposition takes at most {_MAX_EXTRA_ARGS} additional_forward_args, "
@@ -223,4 +239,4 @@ def contextual_decomposition(
             f"{type(model).__name__} returned {type(output).__name__}. Make `forward` (or xai_forward) "
             "return the logits."
         )
-    return output.relevant, output.irrelevant
+    return output

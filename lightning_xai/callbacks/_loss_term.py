@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -91,6 +92,10 @@ class LossTerm(Callback):
         )
         self.last_weight = self.weight * factor
         return self.last_weight
+
+    def prepare_step(self, pl_module: XAIMixin, context: StepContext) -> Callable[[], None] | None:
+        """Called before the user's ``training_step``; may install hooks and return their remover."""
+        return None
 
     def compute_term(self, pl_module: XAIMixin, context: StepContext) -> Tensor:
         """The unweighted term for this step (a scalar tensor connected to the parameters)."""

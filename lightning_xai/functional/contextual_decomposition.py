@@ -163,18 +163,19 @@ def decompose_product(left: Decomposition, right: Decomposition) -> Decompositio
     return Decomposition(left.relevant * right.relevant, left.total * right.total)
 
 
-def _shapley_three(a: Tensor, b: Tensor, c: Tensor, fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    # Murdoch et al. 2018: the contributions of a (relevant) and b (irrelevant) to fn(a + b + c) are their
-    # Shapley values over the orders in which they join the bias c; the bias keeps fn(c).
-    fc, fac, fbc, fabc = fn(c), fn(a + c), fn(b + c), fn(a + b + c)
-    a_part = 0.5 * ((fac - fc) + (fabc - fbc))
-    b_part = 0.5 * ((fbc - fc) + (fabc - fac))
-    return a_part, b_part, fc
+def _project_both(relevant: Tensor, irrelevant: Tensor, weight: Tensor) -> Tensor:
+    """``W x_rel`` and ``W x_irr`` stacked; one matrix product when the mask is per position (token spans).
 
-
-def _shapley_two(a: Tensor, b: Tensor, fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-    fa, fb, fab = fn(a), fn(b), fn(a + b)
-    return 0.5 * (fa + (fab - fb)), 0.5 * (fb + (fab - fa))
+    With a 0/1 mask over positions, ``x_rel`` is ``x`` with whole rows zeroed, and the projection commutes
+    with that: project ``x`` once and zero the same rows. Checked exactly; otherwise both are projected.
+    """
+    total = relevant + irrelevant
+    kept = (relevant != 0).any(-1, keepdim=True)
+    if torch.equal(relevant, total * kept):
+        projected = F.linear(total, weight)
+        relevant_projected = projected * kept
+        return torch.stack([relevant_projected, projected - relevant_projected])
+    return F.linear(torch.stack([relevant, irrelevant]), weight)
 
 
 def decompose_lstm_layer(
@@ -193,6 +194,9 @@ def decompose_lstm_layer(
     proportion to how much of the current input is relevant (all of it inside a masked token span, none
     outside, as in the original), so a full mask gives everything to the relevant part.
 
+    All four gates are evaluated in one stacked call per step (tanh as ``2 sigmoid(2z) - 1``), which keeps
+    the number of operations per time step small: the loop, not the arithmetic, dominates on CPU.
+
     Args:
         relevant_input: ``(N, T, input_size)`` relevant part of the input sequence (batch first).
         irrelevant_input: ``(N, T, input_size)`` irrelevant part.
@@ -210,52 +214,50 @@ def decompose_lstm_layer(
     dtype, device = relevant_input.dtype, relevant_input.device
     if bias is None:
         bias = torch.zeros(4 * hidden, dtype=dtype, device=device)
-    # One matrix product for all steps: the input projections do not depend on the recurrence.
-    projected_relevant = F.linear(relevant_input, weight_ih)
-    projected_irrelevant = F.linear(irrelevant_input, weight_ih)
-    input_magnitude_relevant = relevant_input.abs().sum(-1)
-    input_magnitude_irrelevant = irrelevant_input.abs().sum(-1)
-    bias_i, bias_f, bias_g, bias_o = bias.chunk(4)
+    # The input projections do not depend on the recurrence: one matrix product for all steps.
+    # Unbound once: indexing a step inside the loop would make the backward zero-fill a full-size
+    # gradient for every step.
+    projected = _project_both(relevant_input, irrelevant_input, weight_ih).unbind(2)  # T x (2, N, 4H)
+    share = relevant_share(relevant_input.abs().sum(-1), irrelevant_input.abs().sum(-1)).unsqueeze(-1).unbind(1)
+    # Candidate gate g uses tanh(z) = 2 sigmoid(2 z) - 1, so one sigmoid evaluates all four gates.
+    tanh_columns = torch.zeros(4 * hidden, dtype=dtype, device=device)
+    tanh_columns[2 * hidden : 3 * hidden] = 1.0
+    pre_scale, post_scale, post_shift = 1.0 + tanh_columns, 1.0 + tanh_columns, -tanh_columns
+    bias_activation = torch.addcmul(post_shift, torch.sigmoid(bias * pre_scale), post_scale)
+    bias_i, bias_f, bias_g, _ = bias_activation.chunk(4)
+    bias_product = bias_i * bias_g  # the same at every step and for every sample
 
-    rel_h = torch.zeros(n, hidden, dtype=dtype, device=device)
-    irr_h = torch.zeros_like(rel_h)
-    rel_c = torch.zeros_like(rel_h)
-    irr_c = torch.zeros_like(rel_h)
-    outputs_relevant: list[Tensor] = []
-    outputs_irrelevant: list[Tensor] = []
+    hidden_state = torch.zeros(2, n, hidden, dtype=dtype, device=device)  # (relevant, irrelevant)
+    rel_c = torch.zeros(n, hidden, dtype=dtype, device=device)
+    irr_c = torch.zeros_like(rel_c)
+    outputs: list[Tensor] = []
     order = range(steps - 1, -1, -1) if reverse else range(steps)
-    first = True
-    for t in order:
-        gates_relevant = projected_relevant[:, t] + F.linear(rel_h, weight_hh)
-        gates_irrelevant = projected_irrelevant[:, t] + F.linear(irr_h, weight_hh)
-        rel_i, rel_f, rel_g, rel_o = gates_relevant.chunk(4, dim=1)
-        irr_i, irr_f, irr_g, irr_o = gates_irrelevant.chunk(4, dim=1)
+    for position, t in enumerate(order):
+        gates = projected[t] + F.linear(hidden_state, weight_hh)  # (2, N, 4H)
+        rel, irr = gates[0], gates[1]
+        # fn(c), fn(a + c), fn(b + c), fn(a + b + c) for a = relevant, b = irrelevant, c = bias
+        evaluated = torch.stack([torch.zeros_like(rel), rel, irr, rel + irr]) + bias
+        evaluated = torch.addcmul(post_shift, torch.sigmoid(evaluated * pre_scale), post_scale)
+        _, with_rel, with_irr, with_all = evaluated.unbind(0)
+        # Shapley values; grouped so that a zero relevant input gives an exactly zero relevant part
+        rel_part = 0.5 * ((with_rel - bias_activation) + (with_all - with_irr))
+        irr_part = 0.5 * ((with_irr - bias_activation) + (with_all - with_rel))
+        i_rel, f_rel, g_rel, _ = rel_part.chunk(4, dim=1)
+        i_irr, f_irr, g_irr, _ = irr_part.chunk(4, dim=1)
+        i_all, f_all, g_all, output_gate = with_all.chunk(4, dim=1)
 
-        i_rel, i_irr, i_bias = _shapley_three(rel_i, irr_i, bias_i, torch.sigmoid)
-        g_rel, g_irr, g_bias = _shapley_three(rel_g, irr_g, bias_g, torch.tanh)
-        share = relevant_share(input_magnitude_relevant[:, t], input_magnitude_irrelevant[:, t]).unsqueeze(1)
-        bias_product = i_bias * g_bias
-        new_rel_c = i_rel * (g_rel + g_bias) + i_bias * g_rel + share * bias_product
-        new_irr_c = i_irr * (g_rel + g_irr + g_bias) + (i_rel + i_bias) * g_irr + (1 - share) * bias_product
-        if not first:
-            f_rel, f_irr, f_bias = _shapley_three(rel_f, irr_f, bias_f, torch.sigmoid)
-            new_rel_c = new_rel_c + (f_rel + f_bias) * rel_c
-            new_irr_c = new_irr_c + (f_rel + f_irr + f_bias) * irr_c + f_irr * rel_c
+        step_share = share[t]
+        new_rel_c = i_rel * (g_rel + bias_g) + bias_i * g_rel + step_share * bias_product
+        new_irr_c = i_irr * g_all + (i_rel + bias_i) * g_irr + (1 - step_share) * bias_product
+        if position > 0:
+            new_rel_c = new_rel_c + (f_rel + bias_f) * rel_c
+            new_irr_c = new_irr_c + f_all * irr_c + f_irr * rel_c
         rel_c, irr_c = new_rel_c, new_irr_c
-        output_gate = torch.sigmoid(rel_o + irr_o + bias_o)
-        tanh_rel, tanh_irr = _shapley_two(rel_c, irr_c, torch.tanh)
-        rel_h, irr_h = output_gate * tanh_rel, output_gate * tanh_irr
-        outputs_relevant.append(rel_h)
-        outputs_irrelevant.append(irr_h)
-        first = False
+        tanh_rel, tanh_irr, tanh_all = torch.tanh(torch.stack([rel_c, irr_c, rel_c + irr_c])).unbind(0)
+        split = torch.stack([tanh_rel + (tanh_all - tanh_irr), tanh_irr + (tanh_all - tanh_rel)])
+        hidden_state = output_gate * split * 0.5
+        outputs.append(hidden_state)
     if reverse:
-        outputs_relevant.reverse()
-        outputs_irrelevant.reverse()
-    return (
-        torch.stack(outputs_relevant, dim=1),
-        torch.stack(outputs_irrelevant, dim=1),
-        rel_h,
-        irr_h,
-        rel_c,
-        irr_c,
-    )
+        outputs.reverse()
+    sequence = torch.stack(outputs, dim=2)  # (2, N, T, H)
+    return sequence[0], sequence[1], hidden_state[0], hidden_state[1], rel_c, irr_c

@@ -357,3 +357,24 @@ def test_bf16_autocast_penalties_are_close_to_fp32():
             run.fit(MLP(), data)
             values[precision] = run.callback_metrics[f"xai/{method}_step"].item()
         assert values["bf16-mixed"] == pytest.approx(values["32-true"], rel=0.05)
+
+
+def test_cdep_shares_the_step_forward_only_when_train_and_eval_agree():
+    x, y, mask = decoy_tabular(16)
+    data = loader(DictDataset(input=x, target=y, mask=mask), 8)
+    shared = ExplanationPenalty(method="cdep")
+    trainer(max_steps=2, callbacks=[shared]).fit(MLP(), data)
+    assert shared.steps_sharing_forward == 2  # the decomposition's total stream was the step's forward
+
+    class WithDropout(MLP):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 2)
+            )
+
+    separate = ExplanationPenalty(method="cdep")
+    model = WithDropout()
+    trainer(max_steps=2, callbacks=[separate]).fit(model, data)
+    assert separate.steps_sharing_forward == 0 and separate.steps_seen == 2
+    assert "forward" not in model.__dict__  # the instance-level override is removed after each step
