@@ -65,8 +65,13 @@ def _rnn_without_onednn(module: nn.Module) -> Iterator[None]:
     if not any(isinstance(m, nn.RNNBase) for m in module.modules()):
         yield
         return
-    with torch.backends.mkldnn.flags(enabled=False):
+    # Only the `enabled` switch: torch.backends.mkldnn.flags() also resets TF32 and warns about Intel GPUs.
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
         yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
 
 
 def _tile(value: Any, times: int, n: int) -> Any:
