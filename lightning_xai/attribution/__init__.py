@@ -1,7 +1,19 @@
-"""Attribution engines: contextual decomposition with its rule registry."""
+"""Attribution engines: contextual decomposition with its rule registry, split Integrated Gradients and
+Captum's methods by name."""
 
 from lightning_xai.attribution._cd_rules import register_cd_rule
-from lightning_xai.attribution.contextual_decomposition import contextual_decomposition
+from lightning_xai.attribution.contextual_decomposition import contextual_decomposition, decompose
+from lightning_xai.attribution.methods import attribute, available_attribution_methods, register_attribution_method
+from lightning_xai.attribution.split_integrated_gradients import split_integrated_gradients
 from lightning_xai.functional._masks import broadcast_mask
 
-__all__ = ["broadcast_mask", "contextual_decomposition", "register_cd_rule"]
+__all__ = [
+    "attribute",
+    "available_attribution_methods",
+    "broadcast_mask",
+    "contextual_decomposition",
+    "decompose",
+    "register_attribution_method",
+    "register_cd_rule",
+    "split_integrated_gradients",
+]
