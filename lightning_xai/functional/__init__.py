@@ -1,22 +1,54 @@
-"""Pure-torch, differentiable kernels: contextual-decomposition rules and explanation penalties.
+"""Pure-torch kernels: contextual-decomposition rules, explanation penalties and attribution-metric kernels.
 
-Nothing here imports Lightning; every loss term of the callbacks has its functional form here.
+Nothing here imports Lightning; every loss term and every metric of the callbacks has its functional form
+here.
 """
 
 from lightning_xai.functional._masks import broadcast_mask
 from lightning_xai.functional.contextual_decomposition import Decomposition
+from lightning_xai.functional.faithfulness import (
+    class_probability,
+    comprehensiveness,
+    deletion_auc,
+    deletion_curve,
+    insertion_auc,
+    insertion_curve,
+    sufficiency,
+)
 from lightning_xai.functional.penalties import (
     cdep_penalty,
     expected_gradients_penalty,
     input_x_gradient_penalty,
     rrr_penalty,
 )
+from lightning_xai.functional.plausibility import (
+    confidence_indication,
+    rationale_average_precision,
+    region_attribution_mass,
+)
+from lightning_xai.functional.robustness import gaussian_perturbation, infidelity, sensitivity_max
+from lightning_xai.functional.sanity import randomize_top_layers, rank_correlation
 
 __all__ = [
     "Decomposition",
     "broadcast_mask",
     "cdep_penalty",
+    "class_probability",
+    "comprehensiveness",
+    "confidence_indication",
+    "deletion_auc",
+    "deletion_curve",
     "expected_gradients_penalty",
+    "gaussian_perturbation",
+    "infidelity",
     "input_x_gradient_penalty",
+    "insertion_auc",
+    "insertion_curve",
+    "randomize_top_layers",
+    "rank_correlation",
+    "rationale_average_precision",
+    "region_attribution_mass",
     "rrr_penalty",
+    "sensitivity_max",
+    "sufficiency",
 ]

@@ -1,0 +1,312 @@
+"""AttributionMetrics: attribution-quality metrics and pictures, logged every validation epoch."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor, nn
+
+from lightning_xai.attribution.methods import attribute
+from lightning_xai.errors import MissingBatchKeyError, MissingMixinError, XAIConfigurationError
+from lightning_xai.masks import masks_from_annotations
+from lightning_xai.mixin import XAIMixin
+
+# metric name -> (module, class): imported when used, so that an unused metric costs nothing
+METRICS: dict[str, tuple[str, str]] = {
+    "infidelity": ("lightning_xai.metrics.infidelity", "Infidelity"),
+    "sensitivity_max": ("lightning_xai.metrics.sensitivity_max", "SensitivityMax"),
+    "comprehensiveness": ("lightning_xai.metrics.comprehensiveness", "Comprehensiveness"),
+    "sufficiency": ("lightning_xai.metrics.sufficiency", "Sufficiency"),
+    "deletion_auc": ("lightning_xai.metrics.deletion_auc", "DeletionAUC"),
+    "insertion_auc": ("lightning_xai.metrics.insertion_auc", "InsertionAUC"),
+    "region_attribution_mass": ("lightning_xai.metrics.region_attribution_mass", "RegionAttributionMass"),
+    "rationale_agreement": ("lightning_xai.metrics.rationale_agreement", "RationaleAgreement"),
+    "randomization_sanity": ("lightning_xai.metrics.randomization_sanity", "RandomizationSanity"),
+    "confidence_indication": ("lightning_xai.metrics.confidence_indication", "ConfidenceIndication"),
+}
+DEFAULT_METRICS = ("infidelity", "comprehensiveness", "sufficiency")
+
+
+class _Logits(nn.Module):
+    """The module metrics and Captum call: ``xai_forward`` for features, ``xai_forward_from_embeddings`` for text."""
+
+    def __init__(self, pl_module: XAIMixin, batch: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.pl_module = pl_module
+        self.batch = batch
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        if self.batch is None:
+            return self.pl_module.xai_forward(inputs)
+        batch = self.batch
+        n = next((v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0), inputs.shape[0])
+        if inputs.shape[0] != n and inputs.shape[0] % n == 0:  # perturbation batches repeat the probe
+            times = inputs.shape[0] // n
+            batch = {k: _repeat(v, times, n) for k, v in batch.items()}
+        return self.pl_module.xai_forward_from_embeddings(inputs, batch)
+
+
+def _repeat(value: Any, times: int, n: int) -> Any:
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
+        return value.repeat_interleave(times, dim=0)
+    return value
+
+
+class AttributionMetrics(Callback):
+    """Computes attribution-quality metrics on a fixed probe set at the end of validation epochs.
+
+    The probe set (``num_samples`` samples drawn with ``seed`` from the validation loader, or from
+    ``dataset``) is explained with ``method`` and every metric is logged as ``attr/<name>/<metric>``.
+    It works inside ``fit`` (validation runs under ``no_grad``) and ``trainer.validate()`` (inference
+    mode): attributions are computed on a clone inside ``torch.inference_mode(False)`` and
+    ``torch.enable_grad()``, with the model in eval mode and its modes restored afterwards. Sanity-check
+    passes are skipped. Under DDP each rank explains its own share of the probe set and the metric
+    states are summed over ranks, so values are exact; pictures are logged by rank 0 after that.
+
+    For text (integer token ids), inputs are the token embeddings from ``xai_embed`` and the model is
+    ``xai_forward_from_embeddings``, so gradient methods, perturbations and masks act on embeddings.
+
+    Args:
+        method: an attribution method of :func:`lightning_xai.attribution.attribute`.
+        metrics: names from ``AttributionMetrics.METRICS``; defaults to infidelity, comprehensiveness and
+            sufficiency. ``region_attribution_mass`` and ``rationale_agreement`` read ``mask_key``.
+        num_samples: probe-set size.
+        every_n_epochs: compute every this many epochs.
+        log_images: log heatmaps (images) or highlighted tokens (text) through the trainer's loggers.
+        num_images: how many probe samples the pictures show.
+        mask_key: batch key of the region masks (forbidden regions or rationales).
+        method_kwargs: options of the attribution method (``n_steps``, ``patch_size``, ...).
+        metric_kwargs: per-metric constructor options, ``{"infidelity": {"n_perturb_samples": 20}}``.
+        batch_size: probe samples explained per pass.
+        target: explain the ``"label"`` or the model's ``"prediction"``.
+        name: the log prefix, ``attr/<name>/...``; defaults to ``method``.
+        seed: seed of the probe-set draw.
+        token_decoder: turns a row of token ids into strings for the text pictures.
+
+    Examples:
+        >>> callback = AttributionMetrics(method="saliency", metrics=["comprehensiveness"], num_samples=32)
+        >>> callback.state_key
+        "AttributionMetrics{'name': 'saliency'}"
+    """
+
+    METRICS = METRICS
+
+    def __init__(
+        self,
+        method: str = "integrated_gradients",
+        metrics: list[str] | None = None,
+        num_samples: int = 256,
+        every_n_epochs: int = 1,
+        log_images: bool = True,
+        num_images: int = 8,
+        mask_key: str = "mask",
+        method_kwargs: dict[str, Any] | None = None,
+        metric_kwargs: dict[str, dict[str, Any]] | None = None,
+        batch_size: int = 64,
+        target: Literal["label", "prediction"] = "label",
+        name: str | None = None,
+        seed: int = 0,
+        token_decoder: Callable[[list[int]], list[str]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.metrics = list(DEFAULT_METRICS if metrics is None else metrics)
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise XAIConfigurationError(f"AttributionMetrics: unknown metrics {unknown}; available: {sorted(METRICS)}.")
+        if num_samples < 1 or every_n_epochs < 1 or batch_size < 1:
+            raise XAIConfigurationError("AttributionMetrics: num_samples, every_n_epochs and batch_size must be >= 1.")
+        if target not in ("label", "prediction"):
+            raise XAIConfigurationError(f"AttributionMetrics: target must be 'label' or 'prediction', got {target!r}.")
+        self.method = method
+        self.num_samples = num_samples
+        self.every_n_epochs = every_n_epochs
+        self.log_images = log_images
+        self.num_images = num_images
+        self.mask_key = mask_key
+        self.method_kwargs = dict(method_kwargs or {})
+        self.metric_kwargs = {k: dict(v) for k, v in (metric_kwargs or {}).items()}
+        self.batch_size = batch_size
+        self.target = target
+        self.prefix = name or method
+        self.seed = seed
+        self.token_decoder = token_decoder
+        self._probe: dict[str, Any] | None = None
+        self.epochs_computed = 0
+        self.last_values: dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.prefix)
+
+    @property
+    def _attribute_name(self) -> str:
+        return "xai_attribution_metrics_" + "".join(c if c.isalnum() else "_" for c in self.prefix)
+
+    # ------------------------------------------------------------------------------------- setup
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, XAIMixin):
+            raise MissingMixinError(
+                f"AttributionMetrics reads batches through XAIMixin, but {type(pl_module).__name__} does not "
+                f"subclass it. Fix: `class {type(pl_module).__name__}(XAIMixin, LightningModule): ...`."
+            )
+        if not hasattr(pl_module, self._attribute_name):
+            metrics = {}
+            for metric_name in self.metrics:
+                module_name, class_name = METRICS[metric_name]
+                metric_class = getattr(importlib.import_module(module_name), class_name)
+                metrics[metric_name] = metric_class(**self.metric_kwargs.get(metric_name, {}))
+            # A logged Metric must be an attribute of the LightningModule (device moves, DDP sync).
+            pl_module.add_module(self._attribute_name, nn.ModuleDict(metrics))
+
+    def _metrics(self, pl_module: pl.LightningModule) -> nn.ModuleDict:
+        return getattr(pl_module, self._attribute_name)
+
+    # ------------------------------------------------------------------------------------- probe
+
+    def _build_probe(self, trainer: pl.Trainer, pl_module: XAIMixin) -> dict[str, Any]:
+        loaders = trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        if loader is None:
+            raise XAIConfigurationError("AttributionMetrics needs a validation dataloader to draw its probe set from.")
+        pool: list[Mapping[str, Any]] = []
+        collected = 0
+        for batch in loader:
+            data = pl_module.xai_batch(batch)
+            if "input" not in data:
+                raise MissingBatchKeyError(
+                    f"AttributionMetrics needs the batch key 'input', but the batch has {sorted(data)}; override "
+                    "xai_batch()."
+                )
+            pool.append(data)
+            collected += int(data["input"].shape[0])
+            if collected >= 4 * self.num_samples:
+                break
+        inputs = torch.cat([d["input"] for d in pool]).clone()
+        generator = torch.Generator().manual_seed(self.seed)
+        chosen = torch.randperm(inputs.shape[0], generator=generator)[: self.num_samples].sort().values
+        probe: dict[str, Any] = {"input": inputs[chosen]}
+        if all("target" in d for d in pool):
+            probe["target"] = torch.cat([torch.as_tensor(d["target"]) for d in pool]).clone()[chosen]
+        needs_mask = any("mask" in getattr(self._metrics(pl_module)[m], "requires", ()) for m in self.metrics)
+        if needs_mask:
+            if not all(self.mask_key in d for d in pool):
+                raise MissingBatchKeyError(
+                    f"AttributionMetrics(metrics={self.metrics}) needs the batch key {self.mask_key!r} for its "
+                    f"region metrics, but the validation batches have {sorted(pool[0])}. Set mask_key= or add it."
+                )
+            masks = [masks_from_annotations(d[self.mask_key], d["input"])[0] for d in pool]
+            probe["mask"] = torch.cat([m.expand(d["input"].shape[0], *m.shape[1:]) for m, d in zip(masks, pool)])[
+                chosen
+            ].clone()
+        extras = {
+            key: torch.cat([d[key] for d in pool]).clone()[chosen]
+            for key in pool[0]
+            if key not in ("input", "target", "mask", self.mask_key)
+            and all(isinstance(d.get(key), Tensor) and d[key].dim() > 0 for d in pool)
+        }
+        probe["extras"] = extras
+        return probe
+
+    # ------------------------------------------------------------------------------------- hooks
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+            return
+        assert isinstance(pl_module, XAIMixin)
+        with torch.inference_mode(False), torch.enable_grad():
+            if self._probe is None:
+                self._probe = self._build_probe(trainer, pl_module)
+            modes = {module: module.training for module in pl_module.modules()}
+            pl_module.eval()
+            try:
+                pictures = self._update_metrics(pl_module)
+            finally:
+                for module, mode in modes.items():
+                    module.training = mode
+            # reset() re-creates the states: outside this block, validate() would make them inference tensors
+            values = {}
+            for metric_name, metric in self._metrics(pl_module).items():
+                values[metric_name] = metric.compute()  # collective under DDP: every rank computes
+                metric.reset()
+        self.last_values = {name: float(value) for name, value in values.items()}
+        for metric_name, value in values.items():
+            pl_module.log(f"attr/{self.prefix}/{metric_name}", value.float(), on_epoch=True, sync_dist=False)
+        self.epochs_computed += 1
+        if self.log_images and trainer.is_global_zero and pictures is not None:
+            self._log_pictures(trainer, *pictures)
+
+    def _update_metrics(self, pl_module: XAIMixin) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        assert self._probe is not None
+        device = next(iter(pl_module.parameters())).device  # type: ignore[attr-defined]
+        metrics = self._metrics(pl_module)
+        probe = self._probe
+        total = probe["input"].shape[0]
+        pictures = None
+        for start in range(0, total, self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            raw_inputs = probe["input"][rows].clone().to(device)
+            extras = {k: v[rows].clone().to(device) for k, v in probe["extras"].items()}
+            if raw_inputs.is_floating_point():
+                model: nn.Module = _Logits(pl_module)
+                inputs = raw_inputs
+            else:
+                model = _Logits(pl_module, {"input": raw_inputs, **extras})
+                inputs = pl_module.xai_embed(raw_inputs).detach()
+            with torch.no_grad():
+                predictions = model(inputs).argmax(-1)
+            target = predictions
+            if self.target == "label" and "target" in probe:
+                target = probe["target"][rows].clone().to(device).long()
+            attributions = attribute(self.method, model, inputs, target, **self.method_kwargs).detach()
+            mask = probe["mask"][rows].clone().to(device) if "mask" in probe else None
+
+            def explain(explained_model: nn.Module, explained: Tensor, explained_target: Tensor) -> Tensor:
+                return attribute(self.method, explained_model, explained, explained_target, **self.method_kwargs)
+
+            for metric in metrics.values():
+                metric.update(inputs, attributions, target, model=model, explain_fn=explain, mask=mask)
+            if pictures is None:
+                shown = slice(0, self.num_images)
+                pictures = (raw_inputs[shown].detach().cpu(), attributions[shown].cpu(), target[shown].cpu())
+        return pictures
+
+    def _log_pictures(self, trainer: pl.Trainer, inputs: Tensor, attributions: Tensor, target: Tensor) -> None:
+        from lightning_xai import loggers, visualization
+
+        step = trainer.global_step
+        titles = [f"class {int(t)}" for t in target]
+        if inputs.is_floating_point() and inputs.dim() >= 3:
+            image = visualization.render_heatmaps(inputs, attributions, titles=titles, max_images=self.num_images)
+            loggers.log_image(trainer, f"attr/{self.prefix}/heatmaps", image, step=step)
+        elif not inputs.is_floating_point():
+            scores = attributions.sum(-1)
+            decode = self.token_decoder or (lambda ids: [str(i) for i in ids])
+            rows = [decode(row.tolist()) for row in inputs]
+            html = "".join(
+                f"<p>{visualization.highlight_tokens_html(tokens, row.tolist())}</p>"
+                for tokens, row in zip(rows, scores)
+            )
+            loggers.log_html(trainer, f"attr/{self.prefix}/tokens", html, step=step)
+            loggers.log_image(
+                trainer,
+                f"attr/{self.prefix}/tokens",
+                visualization.render_tokens_png(rows, [s.tolist() for s in scores]),
+                step=step,
+            )
+
+    # ------------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs_computed": self.epochs_computed, "last_values": dict(self.last_values)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epochs_computed = int(state_dict.get("epochs_computed", 0))
+        self.last_values = dict(state_dict.get("last_values", {}))

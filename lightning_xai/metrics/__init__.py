@@ -1,0 +1,31 @@
+"""Attribution-quality metrics as torchmetrics ``Metric`` classes, one per module, over functional kernels.
+
+Every metric shares one ``update(inputs, attributions, target=None, *, model=None, explain_fn=None,
+mask=None)`` signature (see :mod:`lightning_xai.metrics._base`); states are sums, exact under DDP.
+"""
+
+from lightning_xai.metrics._base import AttributionMetric
+from lightning_xai.metrics.comprehensiveness import Comprehensiveness
+from lightning_xai.metrics.confidence_indication import ConfidenceIndication
+from lightning_xai.metrics.deletion_auc import DeletionAUC
+from lightning_xai.metrics.infidelity import Infidelity
+from lightning_xai.metrics.insertion_auc import InsertionAUC
+from lightning_xai.metrics.randomization_sanity import RandomizationSanity
+from lightning_xai.metrics.rationale_agreement import RationaleAgreement
+from lightning_xai.metrics.region_attribution_mass import RegionAttributionMass
+from lightning_xai.metrics.sensitivity_max import SensitivityMax
+from lightning_xai.metrics.sufficiency import Sufficiency
+
+__all__ = [
+    "AttributionMetric",
+    "Comprehensiveness",
+    "ConfidenceIndication",
+    "DeletionAUC",
+    "Infidelity",
+    "InsertionAUC",
+    "RandomizationSanity",
+    "RationaleAgreement",
+    "RegionAttributionMass",
+    "SensitivityMax",
+    "Sufficiency",
+]

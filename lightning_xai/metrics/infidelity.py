@@ -1,0 +1,110 @@
+"""Explanation infidelity as a torchmetrics metric."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_xai.functional.robustness import Target, gaussian_perturbation, infidelity
+from lightning_xai.metrics._base import AttributionMetric, ExplainFn
+
+
+class Infidelity(AttributionMetric):
+    """Mean explanation infidelity (Yeh et al., 2019) of the attributions, Captum's definition.
+
+    For each example, ``E_I[(I^T attr - (f(x) - f(x - I)))^2]`` with Gaussian perturbations
+    ``I ~ N(0, noise_std^2)``, where ``f`` is the model's logit of the explained class; ``compute`` returns the
+    mean over all examples seen. All ``N * n_perturb_samples`` perturbed inputs of a batch go through the model
+    in one call (see :func:`lightning_xai.functional.robustness.infidelity`). Suited to local attributions
+    (gradients, saliency); lower is better.
+
+    Args:
+        n_perturb_samples: perturbations per example.
+        noise_std: standard deviation of the Gaussian perturbation.
+        normalize: rescale the attributions by the least-squares factor first (scale-invariant infidelity).
+        seed: seed of the metric's own random generator (re-seeded by ``reset``), for reproducible values;
+            ``None`` draws from torch's global generator.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(4, 3)
+        >>> metric = Infidelity(seed=0)
+        >>> x, target = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> metric.update(x, model.weight[target].detach(), target, model=model)  # exact for a linear model
+        >>> bool(metric.compute() < 1e-10)
+        True
+    """
+
+    requires = ("model",)
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+    plot_lower_bound = 0.0
+
+    sum_value: Tensor
+    count: Tensor
+
+    def __init__(
+        self,
+        n_perturb_samples: int = 10,
+        noise_std: float = 0.003,
+        normalize: bool = False,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.n_perturb_samples = n_perturb_samples
+        self.noise_std = noise_std
+        self.normalize = normalize
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+        self.add_state("sum_value", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def _generator_on(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    def update(
+        self,
+        inputs: Tensor,
+        attributions: Tensor,
+        target: Target = None,
+        *,
+        model: nn.Module | None = None,
+        explain_fn: ExplainFn | None = None,
+        mask: Tensor | None = None,
+    ) -> None:
+        """Add the infidelity of one batch of attributions (``explain_fn`` and ``mask`` are not used)."""
+        self._check_required(model=model, explain_fn=explain_fn, mask=mask)
+        perturb_fn = gaussian_perturbation(self.noise_std, generator=self._generator_on(inputs.device))
+        values = infidelity(
+            model,
+            perturb_fn,
+            inputs,
+            attributions,
+            target,
+            n_perturb_samples=self.n_perturb_samples,
+            normalize=self.normalize,
+        )
+        self.sum_value += values.sum().to(self.sum_value.dtype)
+        self.count += values.numel()
+
+    def compute(self) -> Tensor:
+        """Mean infidelity over all examples seen."""
+        return self.sum_value / self.count
+
+    def reset(self) -> None:
+        """Reset the states and re-seed the generator."""
+        super().reset()
+        self._generator = None
+
+    def plot(self, val: Tensor | list[Tensor] | None = None, ax: Any = None) -> Any:
+        """Plot one value or a sequence of values (torchmetrics' ``plot``); returns ``(figure, axis)``."""
+        return self._plot(val, ax)

@@ -1,0 +1,289 @@
+"""Rendering helpers for attribution pictures: heatmap grids and highlighted tokens.
+
+Every function is pure: it takes tensors or lists and returns a ``uint8`` RGB array (or an HTML string). Figures
+are drawn on matplotlib's Agg canvas directly (no ``pyplot``), so the user's matplotlib backend and global figure
+state are left alone and rendering works on headless machines and in worker threads.
+
+The arrays go straight to :mod:`lightning_xai.loggers` (``log_image`` / ``log_html``).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
+from matplotlib.lines import Line2D
+
+__all__ = ["highlight_tokens_html", "render_heatmaps", "render_tokens_png"]
+
+_DPI = 100
+_MAX_INTENSITY = 0.85  # the strongest token background is this far from white towards pure red / blue
+
+
+def _figure_to_rgb(fig: Figure) -> np.ndarray:
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
+
+
+def _to_unit_range(img: np.ndarray) -> np.ndarray:
+    """Clamp an image already in ``[0, 1]``; min-max normalise any other range (e.g. standardised inputs)."""
+    img = np.nan_to_num(img.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(img.min()), float(img.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return img
+    if hi - lo < 1e-12:
+        return np.zeros_like(img)
+    return (img - lo) / (hi - lo)
+
+
+def render_heatmaps(
+    images: torch.Tensor,
+    attributions: torch.Tensor,
+    titles: list[str] | None = None,
+    max_images: int = 8,
+) -> np.ndarray:
+    """Render inputs above their attribution heatmaps as one RGB picture.
+
+    The top row shows the inputs (RGB when ``C == 3``, grey otherwise, channel mean for ``C not in (1, 3)``);
+    values inside ``[0, 1]`` are shown as they are, any other range is min-max normalised per image. The bottom
+    row shows the attribution summed over channels with the diverging ``bwr`` colormap, symmetric around 0 per
+    image: white is 0, pure red is the image's largest ``|attribution|`` when positive, pure blue when negative.
+    The per-image scale ``max|a|`` is written under each heatmap.
+
+    Args:
+        images: Inputs of shape ``(N, C, H, W)``.
+        attributions: Attributions of shape ``(N, C, H, W)`` or ``(N, H, W)``, same ``N, H, W`` as ``images``.
+        titles: Optional column titles (e.g. ``"y=3 p=3"``), at least ``min(N, max_images)`` of them.
+        max_images: Render only the first ``max_images`` examples.
+
+    Returns:
+        A ``uint8`` array of shape ``(height, width, 3)``.
+
+    Raises:
+        ValueError: If the shapes do not match, ``N == 0``, or there are fewer titles than rendered images.
+
+    Examples:
+        >>> import torch
+        >>> grid = render_heatmaps(torch.rand(3, 1, 8, 8), torch.randn(3, 1, 8, 8), titles=["a", "b", "c"])
+        >>> grid.dtype, grid.ndim, grid.shape[2]
+        (dtype('uint8'), 3, 3)
+    """
+    if images.ndim != 4:
+        raise ValueError(f"render_heatmaps: images must have shape (N, C, H, W), got {tuple(images.shape)}.")
+    if attributions.ndim not in (3, 4):
+        raise ValueError(
+            f"render_heatmaps: attributions must have shape (N, C, H, W) or (N, H, W), got {tuple(attributions.shape)}."
+        )
+    n_all, channels, height, width = images.shape
+    if attributions.shape[0] != n_all or tuple(attributions.shape[-2:]) != (height, width):
+        raise ValueError(
+            f"render_heatmaps: attributions of shape {tuple(attributions.shape)} do not match images of shape "
+            f"{tuple(images.shape)}: N, H and W must agree."
+        )
+    if max_images < 1:
+        raise ValueError(f"render_heatmaps: max_images must be >= 1, got {max_images}.")
+    n = min(n_all, max_images)
+    if n == 0:
+        raise ValueError("render_heatmaps: got an empty batch (N == 0); there is nothing to render.")
+    if titles is not None and len(titles) < n:
+        raise ValueError(f"render_heatmaps: got {len(titles)} titles for {n} rendered images; pass one per image.")
+
+    imgs = images[:n].detach().to(device="cpu", dtype=torch.float64).numpy()
+    attrs = attributions[:n].detach().to(device="cpu", dtype=torch.float64)
+    if attrs.ndim == 4:
+        attrs = attrs.sum(dim=1)
+    attrs_np = np.nan_to_num(attrs.numpy())
+
+    panel_in = 1.6
+    fig = Figure(figsize=(panel_in * n, 2 * panel_in + 0.55), dpi=_DPI, facecolor="white")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, n, squeeze=False)
+    for i in range(n):
+        top, bottom = axes[0, i], axes[1, i]
+        if channels == 3:
+            top.imshow(_to_unit_range(imgs[i].transpose(1, 2, 0)), interpolation="nearest")
+        else:
+            grey = imgs[i][0] if channels == 1 else imgs[i].mean(axis=0)
+            top.imshow(_to_unit_range(grey), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        scale = float(np.abs(attrs_np[i]).max())
+        vmax = scale if scale > 0 else 1.0
+        bottom.imshow(attrs_np[i], cmap="bwr", vmin=-vmax, vmax=vmax, interpolation="nearest")
+        bottom.set_xlabel(f"max|a|={scale:.3g}", fontsize=8)
+        if titles is not None:
+            top.set_title(str(titles[i]), fontsize=9)
+        for ax in (top, bottom):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel("input", fontsize=9)
+    axes[1, 0].set_ylabel("attribution", fontsize=9)
+    fig.tight_layout(pad=0.4)
+    return _figure_to_rgb(fig)
+
+
+def _scores_list(tokens: Sequence[str], scores: Sequence[float], where: str) -> list[float]:
+    values = [float(s) for s in scores]
+    if len(values) != len(tokens):
+        raise ValueError(f"{where}: got {len(tokens)} tokens but {len(values)} scores; pass one score per token.")
+    return values
+
+
+def _max_abs(values: Sequence[float]) -> float:
+    finite = [abs(v) for v in values if math.isfinite(v)]
+    return max(finite, default=0.0)
+
+
+def _token_colours(score: float, max_abs: float) -> tuple[tuple[int, int, int], str]:
+    """Background RGB (white -> red for positive, white -> blue for negative) and a readable text colour."""
+    if not math.isfinite(score) or max_abs <= 0.0:
+        return (255, 255, 255), "#000000"
+    intensity = min(abs(score) / max_abs, 1.0) * _MAX_INTENSITY
+    other = round(255 * (1.0 - intensity))
+    rgb = (255, other, other) if score > 0 else (other, other, 255) if score < 0 else (255, 255, 255)
+    text = "#ffffff" if intensity > 0.6 else "#000000"
+    return rgb, text
+
+
+def highlight_tokens_html(tokens: list[str], scores: Sequence[float]) -> str:
+    """Highlight tokens by attribution as an HTML fragment.
+
+    Each token becomes a ``<span>`` whose background goes from white to red for positive scores and to blue for
+    negative ones, with intensity ``|score| / max|score|``; hovering shows the score (``title`` attribute). Tokens
+    are HTML-escaped, so user text such as ``<script>`` is shown, never run.
+
+    Args:
+        tokens: The tokens, in order.
+        scores: One attribution score per token (list, 1-D array or 1-D tensor).
+
+    Returns:
+        A ``<div>`` fragment; an empty ``<div>`` for no tokens.
+
+    Raises:
+        ValueError: If ``tokens`` and ``scores`` differ in length.
+
+    Examples:
+        >>> out = highlight_tokens_html(["good", "<b>"], [1.0, -0.5])
+        >>> "&lt;b&gt;" in out, "<b>" in out
+        (True, False)
+        >>> out.count("<span")
+        2
+        >>> highlight_tokens_html([], [])
+        '<div class="xai-tokens" style="line-height:1.9;font-family:sans-serif"></div>'
+    """
+    values = _scores_list(tokens, scores, "highlight_tokens_html")
+    max_abs = _max_abs(values)
+    spans = []
+    for token, score in zip(tokens, values):
+        (r, g, b), text = _token_colours(score, max_abs)
+        spans.append(
+            f'<span title="{html.escape(f"{score:+.4g}", quote=True)}" '
+            f'style="background-color:rgb({r},{g},{b});color:{text};padding:1px 3px;border-radius:3px">'
+            f"{html.escape(str(token), quote=True)}</span>"
+        )
+    return '<div class="xai-tokens" style="line-height:1.9;font-family:sans-serif">' + " ".join(spans) + "</div>"
+
+
+def render_tokens_png(
+    token_rows: list[list[str]],
+    score_rows: list[Sequence[float]],
+    width_px: int = 900,
+) -> np.ndarray:
+    """Render highlighted tokens as an RGB picture, one block of wrapped lines per example.
+
+    Uses the colours of :func:`highlight_tokens_html` (normalised per example). Token text is drawn literally
+    (no mathtext), so ``$`` in user data is safe. A token wider than the whole line is drawn on its own line and
+    clipped at the right edge.
+
+    Args:
+        token_rows: One list of tokens per example.
+        score_rows: One sequence of scores per example, the same lengths as ``token_rows``.
+        width_px: Width of the returned picture in pixels.
+
+    Returns:
+        A ``uint8`` array of shape ``(height, width_px, 3)``; a short white strip when there is nothing to draw.
+
+    Raises:
+        ValueError: If the rows or their lengths do not match, or ``width_px`` is too small.
+
+    Examples:
+        >>> png = render_tokens_png([["a", "good", "film"], []], [[0.1, 0.9, -0.3], []], width_px=300)
+        >>> png.dtype, png.shape[1], png.shape[2]
+        (dtype('uint8'), 300, 3)
+    """
+    if len(token_rows) != len(score_rows):
+        raise ValueError(
+            f"render_tokens_png: got {len(token_rows)} token rows but {len(score_rows)} score rows; "
+            "pass one per example."
+        )
+    if width_px < 50:
+        raise ValueError(f"render_tokens_png: width_px must be >= 50, got {width_px}.")
+    rows = [(list(map(str, t)), _scores_list(t, s, "render_tokens_png")) for t, s in zip(token_rows, score_rows)]
+
+    fontsize = 11.0
+    font = FontProperties(family="DejaVu Sans", size=fontsize)
+    margin, pad, gap = 8.0, 3.0, 5.0  # px: page margin, box padding around text, space between boxes
+    line_h = fontsize * _DPI / 72.0 + 2 * pad + 6.0
+    row_gap = 0.6 * line_h
+
+    # Pass 1: measure every token (widths in display pixels do not depend on the figure size).
+    measure = Figure(figsize=(1, 1), dpi=_DPI)
+    renderer = FigureCanvasAgg(measure).get_renderer()
+    layout: list[tuple[float, float, str, float, float]] = []  # x, y (from the top), token, score, row max
+    separators: list[float] = []
+    y = margin
+    for r, (tokens, values) in enumerate(rows):
+        if r > 0:
+            separators.append(y + row_gap / 2)
+            y += row_gap
+        max_abs = _max_abs(values)
+        x = margin
+        for token, score in zip(tokens, values):
+            w, _, _ = renderer.get_text_width_height_descent(token or " ", font, ismath=False)
+            box_w = w + 2 * pad
+            if x > margin and x + box_w > width_px - margin:
+                x = margin
+                y += line_h
+            layout.append((x, y, token, score, max_abs))
+            x += box_w + gap
+        y += line_h
+    height_px = max(int(math.ceil(y + margin)), 2 * int(margin))
+
+    # Pass 2: draw on a figure of the final size, in pixel coordinates measured from the top left.
+    fig = Figure(figsize=(width_px / _DPI, height_px / _DPI), dpi=_DPI, facecolor="white")
+    FigureCanvasAgg(fig)
+    for x, ytop, token, score, max_abs in layout:
+        (r, g, b), text_colour = _token_colours(score, max_abs)
+        fig.text(
+            (x + pad) / width_px,
+            1.0 - (ytop + pad) / height_px,
+            token,
+            fontproperties=font,
+            color=text_colour,
+            ha="left",
+            va="top",
+            parse_math=False,
+            bbox={
+                "boxstyle": f"square,pad={pad * 72.0 / _DPI / fontsize:.3f}",
+                "facecolor": (r / 255, g / 255, b / 255),
+                "edgecolor": "none",
+            },
+        )
+    for ysep in separators:
+        yfig = 1.0 - ysep / height_px
+        fig.add_artist(
+            Line2D(
+                [margin / width_px, 1.0 - margin / width_px],
+                [yfig, yfig],
+                transform=fig.transFigure,
+                color="#bbbbbb",
+                linewidth=0.8,
+            )
+        )
+    rgb = _figure_to_rgb(fig)
+    return rgb[:height_px, :width_px]

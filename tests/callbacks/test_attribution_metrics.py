@@ -1,0 +1,146 @@
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+
+from lightning_xai.attribution import attribute
+from lightning_xai.callbacks import AttributionMetrics
+from lightning_xai.datasets import DecoyDigits
+from lightning_xai.errors import MissingBatchKeyError, MissingMixinError, XAIConfigurationError
+from lightning_xai.metrics import Comprehensiveness, RegionAttributionMass
+from tests.helpers import DictDataset, LSTMTextClassifier, SmallCNN, loader, token_decoy_data, trainer
+
+
+class ValidatingCNN(SmallCNN):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_acc", (self(batch["input"]).argmax(1) == batch["target"]).float().mean())
+
+
+def _digits(n=48, split="train"):
+    digits = DecoyDigits(split)
+    return DictDataset(input=digits.images[:n], target=digits.targets[:n], mask=digits.masks[:n])
+
+
+def _callback(**kwargs):
+    options = dict(
+        method="saliency",
+        metrics=["comprehensiveness", "region_attribution_mass"],
+        num_samples=32,
+        batch_size=16,
+        log_images=False,
+    )
+    options.update(kwargs)
+    return AttributionMetrics(**options)
+
+
+def test_logged_values_equal_the_metrics_on_the_probe_set():
+    torch.manual_seed(0)
+    callback = _callback()
+    model = ValidatingCNN()
+    run = trainer(max_epochs=1, callbacks=[callback])
+    run.fit(model, loader(_digits(64), 32), loader(_digits(48, "val"), 16))
+
+    probe = callback._probe
+    assert probe["input"].shape[0] == 32
+    model.eval()
+    attributions = attribute("saliency", model, probe["input"], probe["target"])
+    comprehensiveness, mass = Comprehensiveness(), RegionAttributionMass()
+    comprehensiveness.update(probe["input"], attributions, probe["target"], model=model)
+    mass.update(probe["input"], attributions, probe["target"], mask=probe["mask"])
+    logged = run.callback_metrics
+    assert logged["attr/saliency/comprehensiveness"].item() == pytest.approx(
+        comprehensiveness.compute().item(), rel=1e-4
+    )
+    assert logged["attr/saliency/region_attribution_mass"].item() == pytest.approx(mass.compute().item(), rel=1e-4)
+    assert 0 < logged["attr/saliency/region_attribution_mass"].item() < 1
+
+
+def test_works_under_validate_in_inference_mode_and_restores_modes():
+    callback = _callback(metrics=["comprehensiveness", "infidelity"])
+    model = ValidatingCNN()
+    run = trainer(callbacks=[callback])
+    run.validate(model, loader(_digits(48, "val"), 16), verbose=False)
+    assert torch.isfinite(run.callback_metrics["attr/saliency/infidelity"])
+    assert callback.epochs_computed == 1
+
+    model.train()
+    model.features[0].eval()
+    model.log = lambda *args, **kwargs: None  # called outside a loop, where self.log has no result collection
+    callback.on_validation_epoch_end(run, model)
+    assert model.training and not model.features[0].training and model.head.training
+
+
+def test_skips_sanity_check_and_honours_every_n_epochs():
+    callback = _callback(every_n_epochs=2, metrics=["comprehensiveness"])
+    run = trainer(max_epochs=3, callbacks=[callback], num_sanity_val_steps=2)
+    run.fit(ValidatingCNN(), loader(_digits(32), 16), loader(_digits(32, "val"), 16))
+    assert callback.epochs_computed == 1  # epoch 2 only; neither the sanity check nor epochs 1 and 3
+
+
+def test_text_model_is_explained_on_embeddings_and_tokens_are_logged(tmp_path):
+    class TextWithValidation(LSTMTextClassifier):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", torch.nn.functional.cross_entropy(self(batch["input_ids"]), batch["labels"]))
+
+    ids, labels, _ = token_decoy_data(32)
+    data = DictDataset(input_ids=ids, labels=labels)
+    callback = AttributionMetrics(
+        method="integrated_gradients",
+        metrics=["comprehensiveness", "infidelity"],
+        num_samples=16,
+        num_images=2,
+        method_kwargs={"n_steps": 8},
+        token_decoder=lambda row: [f"<w{i}>" for i in row],
+    )
+    run = trainer(max_epochs=1, callbacks=[callback], logger=CSVLogger(tmp_path, name="text"))
+    run.fit(TextWithValidation(), loader(data, 16), loader(data, 16))
+    assert torch.isfinite(run.callback_metrics["attr/integrated_gradients/comprehensiveness"])
+    html_files = list(tmp_path.rglob("*.html"))
+    assert html_files and "&lt;w" in html_files[0].read_text()  # user text is escaped
+    assert list(tmp_path.rglob("*.png"))
+
+
+def test_heatmaps_reach_the_csv_logger(tmp_path):
+    callback = _callback(log_images=True, num_images=4)
+    run = trainer(max_epochs=1, callbacks=[callback], logger=CSVLogger(tmp_path, name="images"))
+    run.fit(ValidatingCNN(), loader(_digits(32), 16), loader(_digits(32, "val"), 16))
+    pngs = list(tmp_path.rglob("*.png"))
+    assert pngs and "heatmaps" in str(pngs[0])
+
+
+def test_clear_errors():
+    with pytest.raises(XAIConfigurationError, match="unknown metrics"):
+        AttributionMetrics(metrics=["accuracy"])
+    with pytest.raises(MissingBatchKeyError, match="'forbidden'"):
+        trainer(max_epochs=1, callbacks=[_callback(mask_key="forbidden")]).fit(
+            ValidatingCNN(), loader(_digits(32), 16), loader(_digits(32, "val"), 16)
+        )
+
+    class Plain(pl.LightningModule):
+        def training_step(self, batch, batch_idx):
+            return None
+
+    with pytest.raises(MissingMixinError, match="XAIMixin"):
+        _callback().setup(trainer(), Plain(), "fit")
+
+
+@pytest.fixture
+def _file_sharing():
+    previous = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    yield
+    torch.multiprocessing.set_sharing_strategy(previous)
+
+
+def test_ddp_spawn_gives_the_single_process_value(_file_sharing):
+    # 16 validation samples, probe of 16: one process explains all of them, two ranks 8 each.
+    values = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
+        torch.manual_seed(0)
+        callback = _callback(num_samples=16)
+        run = trainer(devices=devices, strategy=strategy, callbacks=[callback])
+        run.validate(ValidatingCNN(), loader(_digits(16, "val"), 8), verbose=False)
+        values[devices] = {k: v.item() for k, v in run.callback_metrics.items() if k.startswith("attr/")}
+    assert values[1].keys() == values[2].keys() and values[1]
+    for key in values[1]:
+        assert values[2][key] == pytest.approx(values[1][key], rel=1e-4)

@@ -1,0 +1,303 @@
+"""Infidelity and max-sensitivity: equality with Captum, known answers, torchmetrics behaviour."""
+
+from __future__ import annotations
+
+import matplotlib
+import pytest
+import torch
+from captum.attr import IntegratedGradients, Saliency
+from captum.metrics import infidelity as captum_infidelity
+from captum.metrics import sensitivity_max as captum_sensitivity_max
+from torch import nn
+
+from lightning_xai.errors import XAIConfigurationError
+from lightning_xai.functional.robustness import gaussian_perturbation, infidelity, sensitivity_max
+from lightning_xai.metrics.infidelity import Infidelity
+from lightning_xai.metrics.sensitivity_max import SensitivityMax
+
+matplotlib.use("Agg")
+pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")
+RTOL = 1e-5
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 5),
+    ).eval()
+
+
+@pytest.fixture
+def cnn_batch():
+    model = small_cnn()
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(6, 3, 8, 8, generator=generator)
+    target = torch.randint(0, 5, (6,), generator=generator)
+    attributions = Saliency(model).attribute(inputs, target=target, abs=False)
+    return model, inputs, target, attributions
+
+
+def saliency_fn(model, inputs, target):
+    return Saliency(model).attribute(inputs, target=target, abs=False)
+
+
+def linear_model(n_features: int = 5) -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Linear(n_features, 1, bias=True)
+
+
+# ---------------------------------------------------------------- equality with Captum
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("std", [0.003, 0.3])
+def test_infidelity_equals_captum(cnn_batch, normalize, std):
+    model, inputs, target, attributions = cnn_batch
+    perturb = gaussian_perturbation(std)
+    torch.manual_seed(11)
+    expected = captum_infidelity(model, perturb, inputs, attributions, target=target, normalize=normalize)
+    torch.manual_seed(11)
+    ours = infidelity(model, perturb, inputs, attributions, target, normalize=normalize)
+    assert ours.shape == (6,)
+    if std == 0.3:
+        assert expected.abs().min() > 1e-6  # a non-trivial comparison
+    torch.testing.assert_close(ours, expected, rtol=RTOL, atol=1e-12)
+
+
+def test_infidelity_equals_captum_with_int_target_and_other_sample_count(cnn_batch):
+    model, inputs, _, attributions = cnn_batch
+    perturb = gaussian_perturbation(0.1)
+    torch.manual_seed(5)
+    expected = captum_infidelity(model, perturb, inputs, attributions, target=2, n_perturb_samples=7)
+    torch.manual_seed(5)
+    ours = infidelity(model, perturb, inputs, attributions, 2, n_perturb_samples=7)
+    torch.testing.assert_close(ours, expected, rtol=RTOL, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients"])
+def test_sensitivity_max_equals_captum(cnn_batch, method):
+    model, inputs, target, _ = cnn_batch
+    if method == "saliency":
+        explainer, kwargs = Saliency(model), {}
+    else:
+        explainer, kwargs = IntegratedGradients(model), {"n_steps": 8}
+    torch.manual_seed(7)
+    expected = captum_sensitivity_max(explainer.attribute, inputs, target=target, **kwargs)
+    torch.manual_seed(7)
+    ours = sensitivity_max(lambda x, t: explainer.attribute(x, target=t, **kwargs), inputs, target)
+    assert ours.shape == (6,)
+    assert expected.max() > 0.01  # a non-trivial comparison
+    torch.testing.assert_close(ours, expected, rtol=RTOL, atol=1e-12)
+
+
+def test_sensitivity_max_equals_captum_with_radius_and_norm(cnn_batch):
+    model, inputs, target, _ = cnn_batch
+    explainer = Saliency(model)
+    torch.manual_seed(8)
+    expected = captum_sensitivity_max(
+        explainer.attribute, inputs, perturb_radius=0.2, n_perturb_samples=4, norm_ord=1, target=target
+    )
+    torch.manual_seed(8)
+    ours = sensitivity_max(
+        lambda x, t: explainer.attribute(x, target=t),
+        inputs,
+        target,
+        perturb_radius=0.2,
+        n_perturb_samples=4,
+        norm_ord=1,
+    )
+    torch.testing.assert_close(ours, expected, rtol=RTOL, atol=1e-12)
+
+
+# ---------------------------------------------------------------- vectorization contract
+
+
+def test_infidelity_runs_the_model_once_on_all_perturbations(cnn_batch):
+    model, inputs, target, attributions = cnn_batch
+    batch_sizes = []
+    handle = model.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    infidelity(model, None, inputs, attributions, target, n_perturb_samples=9)
+    handle.remove()
+    assert sorted(batch_sizes) == [6, 6 * 9]
+
+
+def test_sensitivity_max_explains_once_on_all_perturbations(cnn_batch):
+    model, inputs, target, _ = cnn_batch
+    calls = []
+
+    def explain(x, t):
+        calls.append((x.shape[0], t.tolist()))
+        return saliency_fn(model, x, t)
+
+    sensitivity_max(explain, inputs, target, n_perturb_samples=3)
+    assert [n for n, _ in calls] == [6, 18]
+    assert calls[1][1] == target.repeat_interleave(3).tolist()  # Captum's layout: samples of one example together
+
+
+# ---------------------------------------------------------------- known answers
+
+
+def test_infidelity_of_exact_linear_attributions_is_zero():
+    model = linear_model()
+    inputs = torch.randn(4, 5)
+    attributions = model.weight.detach().expand(4, 5)  # f(x) - f(x - I) = w.I exactly
+    values = infidelity(model, gaussian_perturbation(0.5), inputs, attributions)
+    torch.testing.assert_close(values, torch.zeros(4), rtol=0, atol=1e-10)
+    # Captum's normalized form beta^2 a^2 - 2 beta ab + b^2 cancels large terms: float32 round-off remains
+    values = infidelity(model, gaussian_perturbation(0.5), inputs, attributions, normalize=True)
+    torch.testing.assert_close(values, torch.zeros(4), rtol=0, atol=1e-6)
+
+
+def test_infidelity_known_value_with_fixed_perturbation():
+    model = linear_model()
+    w = model.weight.detach()[0]
+    inputs = torch.randn(3, 5)
+
+    def ones(x):  # I = 1 everywhere: f(x) - f(x - 1) = sum(w)
+        return torch.ones_like(x), x - 1
+
+    zero_attr = infidelity(model, ones, inputs, torch.zeros(3, 5), n_perturb_samples=4)
+    torch.testing.assert_close(zero_attr, w.sum().pow(2).expand(3), rtol=1e-5, atol=0)
+    doubled = infidelity(model, ones, inputs, 2 * w.expand(3, 5), n_perturb_samples=4)
+    torch.testing.assert_close(doubled, w.sum().pow(2).expand(3), rtol=1e-5, atol=0)
+    # normalize=True is invariant to the scale of the attributions: 2w is rescaled to w, infidelity 0
+    normalized = infidelity(model, ones, inputs, 2 * w.expand(3, 5), normalize=True, n_perturb_samples=4)
+    torch.testing.assert_close(normalized, torch.zeros(3), rtol=0, atol=1e-5)
+
+
+def test_sensitivity_of_constant_explanation_is_zero():
+    inputs = torch.randn(4, 3, 8, 8)
+    values = sensitivity_max(lambda x, t: torch.ones_like(x), inputs, perturb_radius=0.5)
+    torch.testing.assert_close(values, torch.zeros(4), rtol=0, atol=0)
+
+
+def test_sensitivity_known_value_of_identity_explanation():
+    inputs = torch.randn(4, 10, dtype=torch.float64)
+
+    def perturb(x):  # the shift only depends on the sample index j, as x is repeat_interleaved
+        scale = torch.tensor([0.1, 0.3, 0.2], dtype=x.dtype).repeat(x.shape[0] // 3)
+        return x + scale[:, None]
+
+    values = sensitivity_max(lambda x, t: x, inputs, n_perturb_samples=3, perturb_fn=perturb)
+    expected = 0.3 * 10**0.5 / inputs.norm(dim=1)
+    torch.testing.assert_close(values, expected)
+    # a zero explanation norm is replaced by 1 (Captum): the value is the largest noise norm
+    zero = sensitivity_max(lambda x, t: x, torch.zeros(2, 10), n_perturb_samples=3, perturb_fn=perturb)
+    torch.testing.assert_close(zero, torch.full((2,), 0.3 * 10**0.5))
+
+
+# ---------------------------------------------------------------- torchmetrics classes
+
+
+def test_infidelity_metric_over_two_updates_equals_mean_of_functional(cnn_batch):
+    model, inputs, target, attributions = cnn_batch
+    metric = Infidelity(n_perturb_samples=5, noise_std=0.2, normalize=True, seed=123)
+    metric.update(inputs[:4], attributions[:4], target[:4], model=model)
+    metric.update(inputs[4:], attributions[4:], target[4:], model=model)
+
+    perturb = gaussian_perturbation(0.2, generator=torch.Generator().manual_seed(123))
+    first = infidelity(model, perturb, inputs[:4], attributions[:4], target[:4], 5, normalize=True)
+    second = infidelity(model, perturb, inputs[4:], attributions[4:], target[4:], 5, normalize=True)
+    expected = torch.cat([first, second]).mean()
+    assert expected > 1e-6
+    torch.testing.assert_close(metric.compute(), expected)
+    # reset re-seeds: the same updates give the same value again
+    value = metric.compute()
+    metric.reset()
+    metric.update(inputs[:4], attributions[:4], target[:4], model=model)
+    metric.update(inputs[4:], attributions[4:], target[4:], model=model)
+    torch.testing.assert_close(metric.compute(), value)
+
+
+def test_sensitivity_metric_over_two_updates_equals_mean_of_functional(cnn_batch):
+    model, inputs, target, attributions = cnn_batch
+    metric = SensitivityMax(n_perturb_samples=4, perturb_radius=0.1, seed=9)
+    metric.update(inputs[:2], attributions[:2], target[:2], model=model, explain_fn=saliency_fn)
+    metric.update(inputs[2:], attributions[2:], target[2:], model=model, explain_fn=saliency_fn)
+
+    generator = torch.Generator().manual_seed(9)
+    explain = lambda x, t: saliency_fn(model, x, t)  # noqa: E731
+    first = sensitivity_max(explain, inputs[:2], target[:2], 0.1, 4, generator=generator)
+    second = sensitivity_max(explain, inputs[2:], target[2:], 0.1, 4, generator=generator)
+    expected = torch.cat([first, second]).mean()
+    assert expected > 0.01
+    torch.testing.assert_close(metric.compute(), expected)
+
+
+def test_sensitivity_metric_works_under_inference_mode(cnn_batch):
+    model, inputs, target, attributions = cnn_batch
+    reference = SensitivityMax(seed=0)
+    reference.update(inputs, attributions, target, model=model, explain_fn=saliency_fn)
+    metric = SensitivityMax(seed=0)
+    with torch.inference_mode():
+        batch = inputs.clone()
+        metric.update(batch, attributions, target.clone(), model=model, explain_fn=saliency_fn)
+    torch.testing.assert_close(metric.compute(), reference.compute())
+
+
+def test_missing_arguments_raise():
+    inputs = torch.randn(2, 5)
+    with pytest.raises(XAIConfigurationError, match=r"Infidelity.update needs \['model'\]"):
+        Infidelity().update(inputs, inputs)
+    with pytest.raises(XAIConfigurationError, match=r"SensitivityMax.update needs \['explain_fn'\]"):
+        SensitivityMax().update(inputs, inputs, model=linear_model())
+    with pytest.raises(XAIConfigurationError, match=r"needs \['model', 'explain_fn'\]"):
+        SensitivityMax().update(inputs, inputs)
+
+
+def test_configuration_errors():
+    model = linear_model()
+    inputs = torch.randn(2, 5)
+    with pytest.raises(XAIConfigurationError, match="same shape"):
+        infidelity(model, None, inputs, torch.zeros(2, 4))
+    with pytest.raises(XAIConfigurationError, match="generator= only seeds"):
+        infidelity(model, gaussian_perturbation(), inputs, inputs, generator=torch.Generator())
+    with pytest.raises(XAIConfigurationError, match="pass target="):
+        infidelity(nn.Linear(5, 3), None, inputs, inputs)
+    with pytest.raises(XAIConfigurationError, match=r"shape \(2,\)"):
+        infidelity(nn.Linear(5, 3), None, inputs, inputs, target=torch.tensor([0, 1, 2]))
+    with pytest.raises(XAIConfigurationError, match="n_perturb_samples"):
+        sensitivity_max(lambda x, t: x, inputs, n_perturb_samples=0)
+
+
+@pytest.mark.parametrize("metric_class", [Infidelity, SensitivityMax])
+def test_distributed_merge_equals_single_instance(cnn_batch, metric_class):
+    model, inputs, target, attributions = cnn_batch
+    kwargs = {"n_perturb_samples": 3}
+    arguments = {"model": model, "explain_fn": saliency_fn}
+    halves = [slice(0, 2), slice(2, 6)]
+
+    single = metric_class(**kwargs)
+    torch.manual_seed(0)  # no seed: both setups draw the same stream of the global generator
+    for half in halves:
+        single.update(inputs[half], attributions[half], target[half], **arguments)
+
+    ranks = [metric_class(**kwargs), metric_class(**kwargs)]
+    torch.manual_seed(0)
+    for rank, half in zip(ranks, halves):
+        rank.update(inputs[half], attributions[half], target[half], **arguments)
+
+    summed = ranks[0].sum_value + ranks[1].sum_value, ranks[0].count + ranks[1].count
+    ranks[0].merge_state(ranks[1])
+    assert int(ranks[0].count) == 6
+    torch.testing.assert_close(ranks[0].compute(), single.compute())
+    torch.testing.assert_close(summed[0] / summed[1], single.compute())
+
+
+@pytest.mark.parametrize("metric_class", [Infidelity, SensitivityMax])
+def test_metric_flags_and_plot(cnn_batch, metric_class):
+    model, inputs, target, attributions = cnn_batch
+    metric = metric_class(n_perturb_samples=2, seed=0)
+    assert metric.higher_is_better is False and metric.is_differentiable is False
+    values = []
+    for _ in range(3):
+        metric.update(inputs, attributions, target, model=model, explain_fn=saliency_fn)
+        values.append(metric.compute())
+    figure, axis = metric.plot(values)
+    assert figure is not None and len(axis.lines) >= 1
+    figure, axis = metric.plot()
+    assert figure is not None
