@@ -33,9 +33,11 @@ from torch.nn import functional as F  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from lightning_xai import XAIMixin  # noqa: E402
+from lightning_xai.attribution import attribute  # noqa: E402
 from lightning_xai.callbacks import ExplanationPenalty  # noqa: E402
 from lightning_xai.datasets import ColorDigits  # noqa: E402
 from lightning_xai.masks import OccupancyMaskSampler  # noqa: E402
+from lightning_xai.metrics import RegionAttributionMass  # noqa: E402
 
 # The demo prints its own progress and table; Lightning's per-run banners would bury them.
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -94,6 +96,51 @@ class _EpochProgress(pl.Callback):
         self.progress.advance(self.task)
 
 
+# Rows: luminance (1,1,1)/sqrt(3) and two chromatic axes orthogonal to it (an orthonormal opponent-colour basis).
+_OPPONENT = torch.tensor(
+    [[1 / 3**0.5, 1 / 3**0.5, 1 / 3**0.5], [1 / 2**0.5, -1 / 2**0.5, 0.0], [1 / 6**0.5, 1 / 6**0.5, -2 / 6**0.5]]
+)
+
+
+class _OpponentColourInput(nn.Module):
+    """The CNN read from opponent-colour coordinates, so that attributions separate brightness from colour."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, opponent: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.einsum("kc,nkhw->nchw", _OPPONENT, opponent))
+
+
+class ColourAttributionMass(pl.Callback):
+    """Logs ``attr/colour_mass``: the share of Integrated-Gradients attribution that lies on colour.
+
+    Each pixel's RGB is rotated into a luminance axis and two chromatic axes; the attributions of the
+    rotated input then split into brightness (shape) and colour, and RegionAttributionMass with a mask on
+    the chromatic channels gives the share on colour. A model that reads colour scores high.
+    """
+
+    def __init__(self, probe: torch.Tensor, targets: torch.Tensor) -> None:
+        self.probe = torch.einsum("kc,nchw->nkhw", _OPPONENT, probe)
+        self.targets = targets
+        self.mask = torch.tensor([0.0, 1.0, 1.0]).view(1, 3, 1, 1)
+        self.curve: list[float] = []
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        mass = RegionAttributionMass()
+        with torch.inference_mode(False), torch.enable_grad():
+            pl_module.eval()
+            model = _OpponentColourInput(pl_module)
+            attributions = attribute("integrated_gradients", model, self.probe.clone(), self.targets, n_steps=8)
+            mass.update(self.probe, attributions.detach(), self.targets, mask=self.mask)
+        value = float(mass.compute())
+        self.curve.append(value)
+        pl_module.log("attr/colour_mass", value)
+
+
 def _loaders(image_size: int, batch_size: int, seed: int):
     train, val, test = (ColorDigits(split, image_size=image_size) for split in ("train", "val", "test"))
     generator = torch.Generator().manual_seed(seed)
@@ -139,6 +186,38 @@ def _heatmaps(models: dict[str, ColorCNN], test: ColorDigits, path: Path, count:
     plt.close(figure)
 
 
+def _mean_curve(runs: list[list[float]]) -> list[float]:
+    return [statistics.mean(values) for values in zip(*runs)]
+
+
+def _print_colour_mass(console: Console, curves: dict[str, list[list[float]]]) -> None:
+    means = {method: _mean_curve(runs) for method, runs in curves.items() if runs}
+    epochs = len(next(iter(means.values())))
+    shown = sorted({0, epochs // 4, epochs // 2, 3 * epochs // 4, epochs - 1})
+    table = Table(title="Attribution mass on colour (IG, training-colour probe; lower = less colour), mean over seeds")
+    table.add_column("method", no_wrap=True)
+    for epoch in shown:
+        table.add_column(f"epoch {epoch + 1}", justify="right")
+    for method, curve in means.items():
+        table.add_row(method, *(f"{curve[epoch]:.3f}" for epoch in shown))
+    console.print(table)
+
+
+def _plot_colour_mass(curves: dict[str, list[list[float]]], path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(5.5, 3.4))
+    for method, runs in curves.items():
+        if runs:
+            curve = _mean_curve(runs)
+            axis.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=method)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("attribution mass on colour")
+    axis.set_title("RegionAttributionMass on the chromatic channels (mean over seeds)", fontsize=9)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/color_digits"))
@@ -158,6 +237,7 @@ def main() -> None:
     accuracies: dict[str, list[float]] = {m: [] for m in args.methods}
     seconds: dict[str, list[float]] = {m: [] for m in args.methods}
     first_models: dict[str, ColorCNN] = {}
+    curves: dict[str, list[list[float]]] = {m: [] for m in args.methods}
     test_set = None
     with Progress(
         TextColumn("{task.description}"),
@@ -173,7 +253,8 @@ def main() -> None:
                 train_loader, val_loader, test_loader, train_set, test_set = _loaders(
                     args.image_size, args.batch_size, seed
                 )
-                callbacks: list[pl.Callback] = [_EpochProgress(progress, task)]
+                colour_mass = ColourAttributionMass(train_set.images[:64], train_set.targets[:64])
+                callbacks: list[pl.Callback] = [_EpochProgress(progress, task), colour_mass]
                 if method != "vanilla":
                     weight = getattr(args, f"{method}_weight")
                     callbacks.append(_penalty(method, weight, train_set.occupancy(), args.num_masks, seed))
@@ -201,6 +282,7 @@ def main() -> None:
                 seconds[method].append(time.perf_counter() - started)
                 accuracies[method].append(100 * result["test/reversed_colour_acc"])
                 first_models.setdefault(method, model)
+                curves[method].append(colour_mass.curve)
 
     table = Table(title=f"ColorDigits {args.image_size}x{args.image_size}: reversed-colour test accuracy")
     for column in ("method", "accuracy %", "spread (std)", "per seed", "seconds / run"):
@@ -220,6 +302,8 @@ def main() -> None:
     console.print(
         "ColorMNIST in the CDEP paper (28x28, for reference): " + ", ".join(f"{m} {paper[m]} %" for m in args.methods)
     )
+    _print_colour_mass(console, curves)
+    _plot_colour_mass(curves, args.output_dir / "colour_mass.png")
     heatmap_path = args.output_dir / "heatmaps.png"
     _heatmaps(first_models, test_set, heatmap_path)
     console.print(f"Heatmaps: {heatmap_path}\nLogs: {args.output_dir / 'tensorboard'} and {args.output_dir / 'csv'}")

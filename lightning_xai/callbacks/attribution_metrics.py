@@ -29,7 +29,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "randomization_sanity": ("lightning_xai.metrics.randomization_sanity", "RandomizationSanity"),
     "confidence_indication": ("lightning_xai.metrics.confidence_indication", "ConfidenceIndication"),
 }
-DEFAULT_METRICS = ("infidelity", "comprehensiveness", "sufficiency")
+# Defaults sized to the cost budget (at most ~10 % of an epoch of the ColorDigits demo with CDEP, see
+# benchmarks/attribution_metrics_cost.py): one gradient per probe sample and two faithfulness metrics.
+DEFAULT_METRICS = ("comprehensiveness", "sufficiency")
 
 
 class _Logits(nn.Module):
@@ -71,13 +73,20 @@ class AttributionMetrics(Callback):
     For text (integer token ids), inputs are the token embeddings from ``xai_embed`` and the model is
     ``xai_forward_from_embeddings``, so gradient methods, perturbations and masks act on embeddings.
 
+    The defaults (Input x Gradient, 32 probe samples, comprehensiveness and sufficiency, pictures every 5
+    computations) keep the cost to about 10 % of an epoch of the ColorDigits demo. Every explanation and
+    metric re-runs the model on the probe set: a heavier audit such as
+    ``AttributionMetrics(method="integrated_gradients", num_samples=256, metrics=[...])`` costs several
+    epochs' worth of compute, so raise ``every_n_epochs`` with it (``make bench`` measures both).
+
     Args:
         method: an attribution method of :func:`lightning_xai.attribution.attribute`.
-        metrics: names from ``AttributionMetrics.METRICS``; defaults to infidelity, comprehensiveness and
-            sufficiency. ``region_attribution_mass`` and ``rationale_agreement`` read ``mask_key``.
+        metrics: names from ``AttributionMetrics.METRICS``; defaults to comprehensiveness and sufficiency.
+            ``region_attribution_mass`` and ``rationale_agreement`` read ``mask_key``.
         num_samples: probe-set size.
         every_n_epochs: compute every this many epochs.
         log_images: log heatmaps (images) or highlighted tokens (text) through the trainer's loggers.
+        images_every_n_epochs: log pictures on every this many computations (rendering costs time too).
         num_images: how many probe samples the pictures show.
         mask_key: batch key of the region masks (forbidden regions or rationales).
         method_kwargs: options of the attribution method (``n_steps``, ``patch_size``, ...).
@@ -89,7 +98,7 @@ class AttributionMetrics(Callback):
         token_decoder: turns a row of token ids into strings for the text pictures.
 
     Examples:
-        >>> callback = AttributionMetrics(method="saliency", metrics=["comprehensiveness"], num_samples=32)
+        >>> callback = AttributionMetrics(method="saliency", metrics=["comprehensiveness"], num_samples=16)
         >>> callback.state_key
         "AttributionMetrics{'name': 'saliency'}"
     """
@@ -98,11 +107,12 @@ class AttributionMetrics(Callback):
 
     def __init__(
         self,
-        method: str = "integrated_gradients",
+        method: str = "input_x_gradient",
         metrics: list[str] | None = None,
-        num_samples: int = 256,
+        num_samples: int = 32,
         every_n_epochs: int = 1,
         log_images: bool = True,
+        images_every_n_epochs: int = 5,
         num_images: int = 8,
         mask_key: str = "mask",
         method_kwargs: dict[str, Any] | None = None,
@@ -118,14 +128,17 @@ class AttributionMetrics(Callback):
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
             raise XAIConfigurationError(f"AttributionMetrics: unknown metrics {unknown}; available: {sorted(METRICS)}.")
-        if num_samples < 1 or every_n_epochs < 1 or batch_size < 1:
-            raise XAIConfigurationError("AttributionMetrics: num_samples, every_n_epochs and batch_size must be >= 1.")
+        if min(num_samples, every_n_epochs, batch_size, images_every_n_epochs) < 1:
+            raise XAIConfigurationError(
+                "AttributionMetrics: num_samples, every_n_epochs, images_every_n_epochs and batch_size must be >= 1."
+            )
         if target not in ("label", "prediction"):
             raise XAIConfigurationError(f"AttributionMetrics: target must be 'label' or 'prediction', got {target!r}.")
         self.method = method
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
         self.log_images = log_images
+        self.images_every_n_epochs = images_every_n_epochs
         self.num_images = num_images
         self.mask_key = mask_key
         self.method_kwargs = dict(method_kwargs or {})
@@ -240,7 +253,8 @@ class AttributionMetrics(Callback):
         for metric_name, value in values.items():
             pl_module.log(f"attr/{self.prefix}/{metric_name}", value.float(), on_epoch=True, sync_dist=False)
         self.epochs_computed += 1
-        if self.log_images and trainer.is_global_zero and pictures is not None:
+        pictures_due = (self.epochs_computed - 1) % self.images_every_n_epochs == 0
+        if self.log_images and pictures_due and trainer.is_global_zero and pictures is not None:
             self._log_pictures(trainer, *pictures)
 
     def _update_metrics(self, pl_module: XAIMixin) -> tuple[Tensor, Tensor, Tensor | None] | None:
@@ -260,11 +274,11 @@ class AttributionMetrics(Callback):
             else:
                 model = _Logits(pl_module, {"input": raw_inputs, **extras})
                 inputs = pl_module.xai_embed(raw_inputs).detach()
-            with torch.no_grad():
-                predictions = model(inputs).argmax(-1)
-            target = predictions
             if self.target == "label" and "target" in probe:
                 target = probe["target"][rows].clone().to(device).long()
+            else:
+                with torch.no_grad():
+                    target = model(inputs).argmax(-1)
             attributions = attribute(self.method, model, inputs, target, **self.method_kwargs).detach()
             mask = probe["mask"][rows].clone().to(device) if "mask" in probe else None
 
