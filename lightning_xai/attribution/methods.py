@@ -15,7 +15,7 @@ from captum import attr as captum_attr
 from torch import Tensor, nn
 
 from lightning_xai.attribution.contextual_decomposition import decompose
-from lightning_xai.attribution.split_integrated_gradients import split_integrated_gradients
+from lightning_xai.attribution.split_integrated_gradients import _repeat_rows, split_integrated_gradients
 from lightning_xai.errors import XAIConfigurationError
 
 AttributionFn = Callable[..., Tensor]
@@ -130,13 +130,25 @@ def _baselines(inputs: Tensor, baselines: Tensor | float | None) -> Tensor | flo
 
 
 @register_attribution_method("saliency")
-def _saliency(model: nn.Module, inputs: Tensor, target: Tensor | None, abs: bool = True) -> Tensor:
-    return captum_attr.Saliency(model).attribute(inputs, target=target, abs=abs)
+def _saliency(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Tensor | None,
+    abs: bool = True,
+    additional_forward_args: tuple[Any, ...] | None = None,
+) -> Tensor:
+    return captum_attr.Saliency(model).attribute(
+        inputs, target=target, abs=abs, additional_forward_args=additional_forward_args
+    )
 
 
 @register_attribution_method("input_x_gradient")
-def _input_x_gradient(model: nn.Module, inputs: Tensor, target: Tensor | None) -> Tensor:
-    return captum_attr.InputXGradient(model).attribute(inputs, target=target)
+def _input_x_gradient(
+    model: nn.Module, inputs: Tensor, target: Tensor | None, additional_forward_args: tuple[Any, ...] | None = None
+) -> Tensor:
+    return captum_attr.InputXGradient(model).attribute(
+        inputs, target=target, additional_forward_args=additional_forward_args
+    )
 
 
 @register_attribution_method("integrated_gradients")
@@ -147,6 +159,7 @@ def _integrated_gradients(
     baselines: Tensor | float | None = None,
     n_steps: int = 32,
     internal_batch_size: int | None = None,
+    additional_forward_args: tuple[Any, ...] | None = None,
 ) -> Tensor:
     return captum_attr.IntegratedGradients(model).attribute(
         inputs,
@@ -154,6 +167,7 @@ def _integrated_gradients(
         target=target,
         n_steps=n_steps,
         internal_batch_size=internal_batch_size,
+        additional_forward_args=additional_forward_args,
     )
 
 
@@ -166,17 +180,31 @@ def _split_integrated_gradients(
     n_steps: int = 32,
     psi: float = 0.95,
     internal_batch_size: int | None = None,
+    additional_forward_args: tuple[Any, ...] | None = None,
 ) -> Tensor:
     return split_integrated_gradients(  # type: ignore[return-value]
-        model, inputs, target, baselines, psi=psi, n_steps=n_steps, internal_batch_size=internal_batch_size
+        model,
+        inputs,
+        target,
+        baselines,
+        psi=psi,
+        n_steps=n_steps,
+        internal_batch_size=internal_batch_size,
+        additional_forward_args=additional_forward_args,
     )
 
 
 @register_attribution_method("deeplift")
 def _deeplift(
-    model: nn.Module, inputs: Tensor, target: Tensor | None, baselines: Tensor | float | None = None
+    model: nn.Module,
+    inputs: Tensor,
+    target: Tensor | None,
+    baselines: Tensor | float | None = None,
+    additional_forward_args: tuple[Any, ...] | None = None,
 ) -> Tensor:
-    return captum_attr.DeepLift(model).attribute(inputs, baselines=_baselines(inputs, baselines), target=target)
+    return captum_attr.DeepLift(model).attribute(
+        inputs, baselines=_baselines(inputs, baselines), target=target, additional_forward_args=additional_forward_args
+    )
 
 
 @register_attribution_method("gradient_shap")
@@ -187,11 +215,17 @@ def _gradient_shap(
     baselines: Tensor | None = None,
     n_samples: int = 8,
     stdevs: float = 0.0,
+    additional_forward_args: tuple[Any, ...] | None = None,
 ) -> Tensor:
     # The batch itself is the baseline distribution (as in Expected Gradients), plus the all-zero input.
     distribution = torch.cat([torch.zeros_like(inputs[:1]), inputs.detach()]) if baselines is None else baselines
     return captum_attr.GradientShap(model).attribute(
-        inputs, baselines=distribution, target=target, n_samples=n_samples, stdevs=stdevs
+        inputs,
+        baselines=distribution,
+        target=target,
+        n_samples=n_samples,
+        stdevs=stdevs,
+        additional_forward_args=additional_forward_args,
     )
 
 
@@ -203,6 +237,7 @@ def _occlusion(
     patch_size: int | None = None,
     stride: int | None = None,
     baselines: float = 0.0,
+    additional_forward_args: tuple[Any, ...] | None = None,
 ) -> Tensor:
     if inputs.dim() >= 3:
         patch = patch_size or _default_patch(inputs) or 1
@@ -211,17 +246,31 @@ def _occlusion(
     else:
         window, strides = (1,) * (inputs.dim() - 1), (1,) * (inputs.dim() - 1)
     return captum_attr.Occlusion(model).attribute(
-        inputs, sliding_window_shapes=window, strides=strides, target=target, baselines=baselines
+        inputs,
+        sliding_window_shapes=window,
+        strides=strides,
+        target=target,
+        baselines=baselines,
+        additional_forward_args=additional_forward_args,
     )
 
 
 @register_attribution_method("feature_ablation")
 def _feature_ablation(
-    model: nn.Module, inputs: Tensor, target: Tensor | None, patch_size: int | None = None, baselines: float = 0.0
+    model: nn.Module,
+    inputs: Tensor,
+    target: Tensor | None,
+    patch_size: int | None = None,
+    baselines: float = 0.0,
+    additional_forward_args: tuple[Any, ...] | None = None,
 ) -> Tensor:
     feature_mask = _patch_feature_mask(inputs, patch_size or _default_patch(inputs))
     return captum_attr.FeatureAblation(model).attribute(
-        inputs, target=target, feature_mask=feature_mask, baselines=baselines
+        inputs,
+        target=target,
+        feature_mask=feature_mask,
+        baselines=baselines,
+        additional_forward_args=additional_forward_args,
     )
 
 
@@ -233,10 +282,16 @@ def _kernel_shap(
     patch_size: int | None = None,
     n_samples: int = 64,
     baselines: float = 0.0,
+    additional_forward_args: tuple[Any, ...] | None = None,
 ) -> Tensor:
     feature_mask = _patch_feature_mask(inputs, patch_size or _default_patch(inputs))
     return captum_attr.KernelShap(model).attribute(
-        inputs, target=target, feature_mask=feature_mask, n_samples=n_samples, baselines=baselines
+        inputs,
+        target=target,
+        feature_mask=feature_mask,
+        n_samples=n_samples,
+        baselines=baselines,
+        additional_forward_args=additional_forward_args,
     )
 
 
@@ -248,10 +303,16 @@ def _lime(
     patch_size: int | None = None,
     n_samples: int = 64,
     baselines: float = 0.0,
+    additional_forward_args: tuple[Any, ...] | None = None,
 ) -> Tensor:
     feature_mask = _patch_feature_mask(inputs, patch_size or _default_patch(inputs))
     return captum_attr.Lime(model).attribute(
-        inputs, target=target, feature_mask=feature_mask, n_samples=n_samples, baselines=baselines
+        inputs,
+        target=target,
+        feature_mask=feature_mask,
+        n_samples=n_samples,
+        baselines=baselines,
+        additional_forward_args=additional_forward_args,
     )
 
 
@@ -273,6 +334,7 @@ def _contextual_decomposition(
     target: Tensor | None,
     patch_size: int | None = None,
     internal_batch_size: int = 1024,
+    additional_forward_args: tuple[Any, ...] | None = None,
 ) -> Tensor:
     """CD relevance of the target class for each feature group, spread evenly over the group's elements."""
     if target is None:
@@ -286,7 +348,8 @@ def _contextual_decomposition(
     with torch.no_grad():
         for start in range(0, flat_inputs.shape[0], internal_batch_size):
             stop = start + internal_batch_size
-            relevant = decompose(model, flat_inputs[start:stop], flat_masks[start:stop]).relevant
+            extra = tuple(_repeat_rows(a, groups)[start:stop] for a in additional_forward_args or ())
+            relevant = decompose(model, flat_inputs[start:stop], flat_masks[start:stop], extra).relevant
             scores.append(relevant.gather(1, flat_target[start:stop].view(-1, 1)).squeeze(1))
     score = torch.cat(scores).view(groups, n)
     elements = (masks.flatten(1).sum(1) * (inputs.shape[1] if inputs.dim() >= 3 else 1)).clamp_min(1)

@@ -11,6 +11,7 @@ Captum's quadrature, so ``left + right`` equals Captum's Integrated Gradients wi
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from captum.attr._utils.approximation_methods import approximation_parameters
@@ -19,8 +20,10 @@ from torch import Tensor
 from lightning_xai.errors import XAIConfigurationError
 
 
-def _target_output(model: Callable[[Tensor], Tensor], inputs: Tensor, target: Tensor | None) -> Tensor:
-    output = model(inputs)
+def _target_output(
+    model: Callable[..., Tensor], inputs: Tensor, target: Tensor | None, extra: tuple[Any, ...] = ()
+) -> Tensor:
+    output = model(inputs, *extra)
     if output.dim() == 1:
         return output
     if output.dim() == 2 and output.shape[1] == 1 and target is None:
@@ -28,6 +31,12 @@ def _target_output(model: Callable[[Tensor], Tensor], inputs: Tensor, target: Te
     if target is None:
         raise XAIConfigurationError("split_integrated_gradients needs `target` for a model with several outputs.")
     return output.gather(1, target.view(-1, 1)).squeeze(1)
+
+
+def _repeat_rows(value: Any, times: int) -> Any:
+    if isinstance(value, Tensor) and value.dim() > 0:
+        return value.repeat(times, *([1] * (value.dim() - 1)))
+    return value
 
 
 def split_integrated_gradients(
@@ -40,6 +49,7 @@ def split_integrated_gradients(
     method: str = "gausslegendre",
     internal_batch_size: int | None = None,
     return_parts: bool = False,
+    additional_forward_args: tuple[Any, ...] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Integrated Gradients up to the point where the output has covered ``psi`` of its change.
 
@@ -84,20 +94,28 @@ def split_integrated_gradients(
 
     path = (baselines.unsqueeze(0) + alphas.view(-1, 1, *feature_dims) * difference.unsqueeze(0)).flatten(0, 1)
     path_target = None if target is None else target.repeat(n_steps)
+    extra = tuple(additional_forward_args or ())
+    path_extra = tuple(_repeat_rows(a, n_steps) for a in extra)
     chunk = path.shape[0] if internal_batch_size is None else max(1, internal_batch_size)
     outputs, gradients = [], []
     with torch.enable_grad():
         for start in range(0, path.shape[0], chunk):
             points = path[start : start + chunk].clone().requires_grad_(True)
             chunk_target = None if path_target is None else path_target[start : start + chunk]
-            values = _target_output(model, points, chunk_target)
+            chunk_extra = tuple(a[start : start + chunk] if isinstance(a, Tensor) else a for a in path_extra)
+            values = _target_output(model, points, chunk_target, chunk_extra)
             (gradient,) = torch.autograd.grad(values.sum(), points)
             outputs.append(values.detach())
             gradients.append(gradient)
     path_outputs = torch.cat(outputs).view(n_steps, n)
     path_gradients = torch.cat(gradients).view(n_steps, n, *inputs.shape[1:])
     with torch.no_grad():
-        both = _target_output(model, torch.cat([inputs, baselines]), None if target is None else target.repeat(2))
+        both = _target_output(
+            model,
+            torch.cat([inputs, baselines]),
+            None if target is None else target.repeat(2),
+            tuple(_repeat_rows(a, 2) for a in extra),
+        )
     at_input, at_baseline = both[:n], both[n:]
 
     change = at_input - at_baseline

@@ -35,28 +35,38 @@ DEFAULT_METRICS = ("comprehensiveness", "sufficiency")
 
 
 class _Logits(nn.Module):
-    """The module metrics and Captum call: ``xai_forward`` for features, ``xai_forward_from_embeddings`` for text."""
+    """The module metrics and Captum call: ``xai_forward`` for features, ``xai_forward_from_embeddings`` for text.
 
-    def __init__(self, pl_module: XAIMixin, batch: Mapping[str, Any] | None = None) -> None:
+    For text, the probe batch's per-sample tensors (attention masks, lengths) are passed positionally, so
+    that Captum expands them with its own path and perturbation batches. Metric kernels call the module
+    without them; it then repeats each sample's entries for its consecutive perturbations, the order
+    that infidelity and sensitivity use (as Captum's do).
+    """
+
+    def __init__(self, pl_module: XAIMixin, batch: Mapping[str, Any] | None = None, keys: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.pl_module = pl_module
         self.batch = batch
+        self.keys = keys
 
-    def forward(self, inputs: Tensor) -> Tensor:
+    def forward(self, inputs: Tensor, *extra: Any) -> Tensor:
         if self.batch is None:
             return self.pl_module.xai_forward(inputs)
-        batch = self.batch
-        n = next((v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0), inputs.shape[0])
-        if inputs.shape[0] != n and inputs.shape[0] % n == 0:  # perturbation batches repeat the probe
-            times = inputs.shape[0] // n
-            batch = {k: _repeat(v, times, n) for k, v in batch.items()}
-        return self.pl_module.xai_forward_from_embeddings(inputs, batch)
+        if extra:
+            return self.pl_module.xai_forward_from_embeddings(inputs, {**self.batch, **dict(zip(self.keys, extra))})
+        return self.pl_module.xai_forward_from_embeddings(inputs, _interleaved(self.batch, inputs.shape[0]))
 
 
-def _repeat(value: Any, times: int, n: int) -> Any:
-    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
-        return value.repeat_interleave(times, dim=0)
-    return value
+def _interleaved(batch: Mapping[str, Any], rows: int) -> dict[str, Any]:
+    """Repeats per-sample entries for ``rows // n`` consecutive copies of each sample."""
+    n = next((v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0), rows)
+    if rows == n or rows % n:
+        return dict(batch)
+    times = rows // n
+    return {
+        key: value.repeat_interleave(times, dim=0) if isinstance(value, Tensor) and value.dim() > 0 else value
+        for key, value in batch.items()
+    }
 
 
 class AttributionMetrics(Callback):
@@ -268,22 +278,38 @@ class AttributionMetrics(Callback):
             rows = slice(start, start + self.batch_size)
             raw_inputs = probe["input"][rows].clone().to(device)
             extras = {k: v[rows].clone().to(device) for k, v in probe["extras"].items()}
+            keys = tuple(extras)
             if raw_inputs.is_floating_point():
                 model: nn.Module = _Logits(pl_module)
                 inputs = raw_inputs
             else:
-                model = _Logits(pl_module, {"input": raw_inputs, **extras})
+                model = _Logits(pl_module, {"input": raw_inputs, **extras}, keys)
                 inputs = pl_module.xai_embed(raw_inputs).detach()
+            forward_args = tuple(extras.values()) if not raw_inputs.is_floating_point() else ()
             if self.target == "label" and "target" in probe:
                 target = probe["target"][rows].clone().to(device).long()
             else:
                 with torch.no_grad():
                     target = model(inputs).argmax(-1)
-            attributions = attribute(self.method, model, inputs, target, **self.method_kwargs).detach()
+            attributions = attribute(
+                self.method, model, inputs, target, additional_forward_args=forward_args or None, **self.method_kwargs
+            ).detach()
             mask = probe["mask"][rows].clone().to(device) if "mask" in probe else None
 
-            def explain(explained_model: nn.Module, explained: Tensor, explained_target: Tensor) -> Tensor:
-                return attribute(self.method, explained_model, explained, explained_target, **self.method_kwargs)
+            def explain(
+                explained_model: nn.Module, explained: Tensor, explained_target: Tensor, forward_args=forward_args
+            ) -> Tensor:
+                # perturbed batches hold consecutive copies of each sample: give Captum matching rows
+                copies = {str(i): a for i, a in enumerate(forward_args)}
+                expanded = tuple(_interleaved(copies, explained.shape[0]).values()) if forward_args else ()
+                return attribute(
+                    self.method,
+                    explained_model,
+                    explained,
+                    explained_target,
+                    additional_forward_args=expanded or None,
+                    **self.method_kwargs,
+                )
 
             for metric in metrics.values():
                 metric.update(inputs, attributions, target, model=model, explain_fn=explain, mask=mask)

@@ -3,6 +3,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
+from lightning_xai import XAIMixin
 from lightning_xai.attribution import attribute
 from lightning_xai.callbacks import AttributionMetrics
 from lightning_xai.datasets import DecoyDigits
@@ -144,3 +145,75 @@ def test_ddp_spawn_gives_the_single_process_value(_file_sharing):
     assert values[1].keys() == values[2].keys() and values[1]
     for key in values[1]:
         assert values[2][key] == pytest.approx(values[1][key], rel=1e-4)
+
+
+class MaskedMeanText(XAIMixin, pl.LightningModule):
+    """Mean-pools embeddings under an attention mask: padded positions cannot matter."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(30, 8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, ids, attention_mask):
+        return self.xai_forward_from_embeddings(self.embedding(ids), {"attention_mask": attention_mask})
+
+    def xai_embed(self, input_ids):
+        return self.embedding(input_ids)
+
+    def xai_forward_from_embeddings(self, embeddings, batch):
+        weights = batch["attention_mask"].unsqueeze(-1).float()
+        return self.head(torch.tanh((embeddings * weights).sum(1) / weights.sum(1)))
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "split_integrated_gradients"])
+def test_attention_masks_follow_captums_path_batches(method):
+    from lightning_xai.callbacks.attribution_metrics import _Logits
+
+    torch.manual_seed(0)
+    model = MaskedMeanText()
+    ids = torch.randint(1, 30, (4, 6))
+    attention_mask = torch.ones(4, 6, dtype=torch.long)
+    attention_mask[0, 3:] = 0  # samples padded differently: a row mix-up would leak attribution onto padding
+    attention_mask[2, 1:] = 0
+    logits = _Logits(model, {"input": ids, "attention_mask": attention_mask}, ("attention_mask",))
+    attributions = attribute(
+        method,
+        logits,
+        model.xai_embed(ids).detach(),
+        torch.tensor([0, 1, 0, 1]),
+        additional_forward_args=(attention_mask,),
+        n_steps=8,
+    )
+    padded = attention_mask == 0
+    assert attributions.abs().sum(-1)[padded].max() == 0
+    assert attributions.abs().sum(-1)[~padded].min() > 0
+    # metric kernels call without the tensors: consecutive copies of each sample get that sample's mask
+    perturbed = model.xai_embed(ids).detach().repeat_interleave(3, dim=0)
+    expected = model.xai_forward_from_embeddings(perturbed, {"attention_mask": attention_mask.repeat_interleave(3, 0)})
+    torch.testing.assert_close(logits(perturbed), expected)
+
+
+def test_text_model_with_attention_masks_runs_through_the_callback():
+    ids = torch.randint(1, 30, (32, 6))
+    attention_mask = (torch.arange(6).expand(32, 6) < torch.randint(2, 7, (32, 1))).long()
+    data = DictDataset(input_ids=ids, attention_mask=attention_mask, labels=torch.randint(0, 2, (32,)))
+    callback = AttributionMetrics(
+        method="integrated_gradients",
+        metrics=["comprehensiveness", "infidelity"],
+        num_samples=16,
+        method_kwargs={"n_steps": 8},
+        log_images=False,
+    )
+    run = trainer(max_epochs=1, callbacks=[callback])
+    run.fit(MaskedMeanText(), loader(data, 16), loader(data, 16))
+    assert torch.isfinite(run.callback_metrics["attr/integrated_gradients/infidelity"])
