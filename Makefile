@@ -25,6 +25,8 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/penalty_overhead.py
+	$(PY) benchmarks/attribution_metrics_cost.py
+	$(PY) benchmarks/metrics_speed.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
