@@ -2,9 +2,10 @@
 
 Trains the demo CNN (28x28, batch 64, validation on the reversed-colour split) for a few epochs without
 the callback, with its defaults and with lighter settings, for a vanilla and a CDEP run, and prints the
-median epoch time and the added share.
+median epoch time and the added share. Interference on a shared machine only ever slows a run down, so
+every configuration runs in ``--rounds`` interleaved rounds and its fastest median epoch is kept.
 
-    python benchmarks/attribution_metrics_cost.py [--epochs 4]
+    python benchmarks/attribution_metrics_cost.py [--epochs 5] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -67,10 +68,12 @@ def _median_epoch(method: str, callback: AttributionMetrics | None, epochs: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     settings = {
-        "defaults (input_x_gradient, 32 samples, 2 metrics, pictures every 5th)": lambda: AttributionMetrics(),
+        "defaults (input_x_gradient, 32 samples, comprehensiveness, pictures every 5th)": lambda: AttributionMetrics(),
+        "defaults + sufficiency": lambda: AttributionMetrics(metrics=["comprehensiveness", "sufficiency"]),
         "defaults, pictures every epoch": lambda: AttributionMetrics(images_every_n_epochs=1),
         "integrated_gradients 32 steps, 256 samples, 3 metrics": lambda: AttributionMetrics(
             method="integrated_gradients",
@@ -79,14 +82,25 @@ def main() -> None:
             log_images=False,
         ),
     }
-    table = Table(title=f"AttributionMetrics cost per ColorDigits epoch (median of {args.epochs - 1} epochs, CPU)")
+    fastest: dict[tuple[str, str], float] = {}
+    for round_index in range(args.rounds):
+        for method in ("vanilla", "cdep"):
+            for label, make in {"none": lambda: None, **settings}.items():
+                if round_index and "256 samples" in label:
+                    continue  # minutes per run, and far from the budget either way: one round is enough
+                seconds = _median_epoch(method, make(), args.epochs)
+                fastest[(method, label)] = min(seconds, fastest.get((method, label), float("inf")))
+    table = Table(
+        title=f"AttributionMetrics cost per ColorDigits epoch (fastest of {args.rounds} medians of {args.epochs - 1} "
+        "epochs, CPU)"
+    )
     for column in ("training", "callback", "s / epoch", "added"):
         table.add_column(column, justify="left" if column in ("training", "callback") else "right", no_wrap=True)
     for method in ("vanilla", "cdep"):
-        plain = _median_epoch(method, None, args.epochs)
+        plain = fastest[(method, "none")]
         table.add_row(method, "none", f"{plain:.2f}", "")
-        for label, make in settings.items():
-            seconds = _median_epoch(method, make(), args.epochs)
+        for label in settings:
+            seconds = fastest[(method, label)]
             table.add_row("", label, f"{seconds:.2f}", f"{100 * (seconds - plain) / plain:+.0f} %")
     Console(width=120).print(table)
 

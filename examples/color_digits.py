@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -209,6 +210,7 @@ def _plot_colour_mass(curves: dict[str, list[list[float]]], path: Path) -> None:
         if runs:
             curve = _mean_curve(runs)
             axis.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=method)
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axis.set_xlabel("epoch")
     axis.set_ylabel("attribution mass on colour")
     axis.set_title("RegionAttributionMass on the chromatic channels (mean over seeds)", fontsize=9)

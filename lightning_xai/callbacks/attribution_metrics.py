@@ -29,9 +29,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "randomization_sanity": ("lightning_xai.metrics.randomization_sanity", "RandomizationSanity"),
     "confidence_indication": ("lightning_xai.metrics.confidence_indication", "ConfidenceIndication"),
 }
-# Defaults sized to the cost budget (at most ~10 % of an epoch of the ColorDigits demo with CDEP, see
-# benchmarks/attribution_metrics_cost.py): one gradient per probe sample and two faithfulness metrics.
-DEFAULT_METRICS = ("comprehensiveness", "sufficiency")
+# Defaults sized to the cost budget (about 10 % of an epoch of the ColorDigits demo, measured by
+# benchmarks/attribution_metrics_cost.py): one gradient and six forward passes per probe sample.
+DEFAULT_METRICS = ("comprehensiveness",)
 
 
 class _Logits(nn.Module):
@@ -83,15 +83,16 @@ class AttributionMetrics(Callback):
     For text (integer token ids), inputs are the token embeddings from ``xai_embed`` and the model is
     ``xai_forward_from_embeddings``, so gradient methods, perturbations and masks act on embeddings.
 
-    The defaults (Input x Gradient, 32 probe samples, comprehensiveness and sufficiency, pictures every 5
-    computations) keep the cost to about 10 % of an epoch of the ColorDigits demo. Every explanation and
+    The defaults (Input x Gradient, 32 probe samples, comprehensiveness, pictures every 5 computations)
+    keep the cost to about 10 % of an epoch of the ColorDigits demo. Every explanation and
     metric re-runs the model on the probe set: a heavier audit such as
     ``AttributionMetrics(method="integrated_gradients", num_samples=256, metrics=[...])`` costs several
     epochs' worth of compute, so raise ``every_n_epochs`` with it (``make bench`` measures both).
 
     Args:
         method: an attribution method of :func:`lightning_xai.attribution.attribute`.
-        metrics: names from ``AttributionMetrics.METRICS``; defaults to comprehensiveness and sufficiency.
+        metrics: names from ``AttributionMetrics.METRICS``; defaults to comprehensiveness (each further
+            faithfulness metric costs about as much again).
             ``region_attribution_mass`` and ``rationale_agreement`` read ``mask_key``.
         num_samples: probe-set size.
         every_n_epochs: compute every this many epochs.
