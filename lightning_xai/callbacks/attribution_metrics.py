@@ -184,7 +184,11 @@ class AttributionMetrics(Callback):
             for metric_name in self.metrics:
                 module_name, class_name = METRICS[metric_name]
                 metric_class = getattr(importlib.import_module(module_name), class_name)
-                metrics[metric_name] = metric_class(**self.metric_kwargs.get(metric_name, {}))
+                options = dict(self.metric_kwargs.get(metric_name, {}))
+                if metric_name == "sensitivity_max":
+                    # the callback's attributions come from the same method as its explain_fn
+                    options.setdefault("reuse_attributions", True)
+                metrics[metric_name] = metric_class(**options)
             # A logged Metric must be an attribute of the LightningModule (device moves, DDP sync).
             pl_module.add_module(self._attribute_name, nn.ModuleDict(metrics))
 

@@ -28,6 +28,9 @@ class SensitivityMax(AttributionMetric):
         perturb_radius: half-width of the uniform noise.
         seed: seed of the metric's own random generator (re-seeded by ``reset``), for reproducible values;
             ``None`` draws from torch's global generator.
+        reuse_attributions: take the ``attributions`` given to ``update`` as ``explain_fn``'s explanation of
+            the unperturbed inputs instead of recomputing it, as Captum does (one explanation fewer per batch).
+            Only correct when ``attributions`` come from ``explain_fn`` itself; AttributionMetrics turns it on.
 
     Examples:
         >>> import torch
@@ -58,9 +61,11 @@ class SensitivityMax(AttributionMetric):
         n_perturb_samples: int = 10,
         perturb_radius: float = 0.02,
         seed: int | None = None,
+        reuse_attributions: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.reuse_attributions = reuse_attributions
         self.n_perturb_samples = n_perturb_samples
         self.perturb_radius = perturb_radius
         self.seed = seed
@@ -85,7 +90,7 @@ class SensitivityMax(AttributionMetric):
         explain_fn: ExplainFn | None = None,
         mask: Tensor | None = None,
     ) -> None:
-        """Add the max-sensitivity of ``explain_fn`` on one batch (``attributions`` and ``mask`` are not used)."""
+        """Add the max-sensitivity of ``explain_fn`` on one batch (``mask`` is not used)."""
         self._check_required(model=model, explain_fn=explain_fn, mask=mask)
         assert model is not None and explain_fn is not None  # checked above
         with torch.inference_mode(False), torch.enable_grad():
@@ -100,6 +105,7 @@ class SensitivityMax(AttributionMetric):
                 perturb_radius=self.perturb_radius,
                 n_perturb_samples=self.n_perturb_samples,
                 generator=self._generator_on(inputs.device),
+                explanations=attributions.detach() if self.reuse_attributions else None,
             )
         self.sum_value += values.sum().to(self.sum_value.dtype)
         self.count += values.numel()

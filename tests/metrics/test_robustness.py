@@ -301,3 +301,28 @@ def test_metric_flags_and_plot(cnn_batch, metric_class):
     assert figure is not None and len(axis.lines) >= 1
     figure, axis = metric.plot()
     assert figure is not None
+
+
+def test_sensitivity_reuses_the_callers_explanation_with_one_call_fewer():
+    from captum.attr import Saliency
+
+    from lightning_xai.metrics import SensitivityMax
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, target = torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1])
+    calls = []
+
+    def explain(explained_model, inputs, explained_target):
+        calls.append(inputs.shape[0])
+        return Saliency(explained_model).attribute(inputs, target=explained_target)
+
+    attributions = Saliency(model).attribute(x, target=target)
+    values = {}
+    for reuse in (True, False):
+        calls.clear()
+        metric = SensitivityMax(seed=3, reuse_attributions=reuse)  # off by default: Captum recomputes
+        metric.update(x, attributions, target, model=model, explain_fn=explain)
+        values[reuse] = (metric.compute().item(), list(calls))
+    assert values[True][0] == values[False][0]
+    assert values[True][1] == [50] and values[False][1] == [5, 50]
