@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_xai.attribution.methods import attribute
 from lightning_xai.errors import MissingBatchKeyError, MissingMixinError, XAIConfigurationError
@@ -107,6 +108,8 @@ class AttributionMetrics(Callback):
         name: the log prefix, ``attr/<name>/...``; defaults to ``method``.
         seed: seed of the probe-set draw.
         token_decoder: turns a row of token ids into strings for the text pictures.
+        dataset: draw the probe set from this dataset instead of the validation loader. Without a
+            validation loop the metrics are then computed at the end of training epochs.
 
     Examples:
         >>> callback = AttributionMetrics(method="saliency", metrics=["comprehensiveness"], num_samples=16)
@@ -133,6 +136,7 @@ class AttributionMetrics(Callback):
         name: str | None = None,
         seed: int = 0,
         token_decoder: Callable[[list[int]], list[str]] | None = None,
+        dataset: Dataset | None = None,
     ) -> None:
         super().__init__()
         self.metrics = list(DEFAULT_METRICS if metrics is None else metrics)
@@ -159,6 +163,7 @@ class AttributionMetrics(Callback):
         self.prefix = name or method
         self.seed = seed
         self.token_decoder = token_decoder
+        self.dataset = dataset
         self._probe: dict[str, Any] | None = None
         self.epochs_computed = 0
         self.last_values: dict[str, float] = {}
@@ -198,10 +203,16 @@ class AttributionMetrics(Callback):
     # ------------------------------------------------------------------------------------- probe
 
     def _build_probe(self, trainer: pl.Trainer, pl_module: XAIMixin) -> dict[str, Any]:
-        loaders = trainer.val_dataloaders
-        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        if self.dataset is not None:
+            loader = DataLoader(self.dataset, batch_size=self.batch_size)
+        else:
+            loaders = trainer.val_dataloaders
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
         if loader is None:
-            raise XAIConfigurationError("AttributionMetrics needs a validation dataloader to draw its probe set from.")
+            raise XAIConfigurationError(
+                "AttributionMetrics draws its probe set from the validation loader, and there is none: give one to "
+                "the Trainer, or pass dataset= to the callback."
+            )
         pool: list[Mapping[str, Any]] = []
         collected = 0
         for batch in loader:
@@ -243,9 +254,17 @@ class AttributionMetrics(Callback):
 
     # ------------------------------------------------------------------------------------- hooks
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Without a validation loop the validation hooks never run: a given dataset is probed here instead.
+        if self.dataset is not None and not trainer.val_dataloaders:
+            self._compute(trainer, pl_module)
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        self._compute(trainer, pl_module)
+
+    def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
         assert isinstance(pl_module, XAIMixin)

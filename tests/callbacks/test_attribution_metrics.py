@@ -217,3 +217,12 @@ def test_text_model_with_attention_masks_runs_through_the_callback():
     run = trainer(max_epochs=1, callbacks=[callback])
     run.fit(MaskedMeanText(), loader(data, 16), loader(data, 16))
     assert torch.isfinite(run.callback_metrics["attr/integrated_gradients/infidelity"])
+
+
+def test_a_given_dataset_is_the_probe_and_works_without_a_validation_loop():
+    callback = _callback(dataset=_digits(24, "test"), metrics=["region_attribution_mass"], num_samples=24)
+    run = trainer(max_epochs=2, callbacks=[callback])
+    run.fit(SmallCNN(), loader(_digits(32), 16))  # no validation loader at all
+    assert callback.epochs_computed == 2
+    assert torch.equal(callback._probe["input"], DecoyDigits("test").images[:24])
+    assert 0 < run.callback_metrics["attr/saliency/region_attribution_mass"].item() < 1
