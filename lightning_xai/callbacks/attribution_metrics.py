@@ -250,6 +250,11 @@ class AttributionMetrics(Callback):
             and all(isinstance(d.get(key), Tensor) and d[key].dim() > 0 for d in pool)
         }
         probe["extras"] = extras
+        if not inputs.is_floating_point():
+            # Text is explained on (N, T, E) embeddings: faithfulness metrics remove whole tokens (ERASER).
+            for metric_name, metric in self._metrics(pl_module).items():
+                if hasattr(metric, "feature_dims") and "feature_dims" not in self.metric_kwargs.get(metric_name, {}):
+                    metric.feature_dims = (1,)
         return probe
 
     # ------------------------------------------------------------------------------------- hooks

@@ -113,6 +113,24 @@ def _ranks(attributions: Tensor) -> Tensor:
     return torch.empty_like(order).scatter_(1, order, positions)
 
 
+def _feature_ranks(attributions: Tensor, feature_dims: Sequence[int] | None) -> tuple[Tensor, int]:
+    """``(N, elements)`` rank of each element's feature, and the number of features per sample.
+
+    Without ``feature_dims`` every element is a feature. With them, a feature is one index along those
+    dimensions (tokens: ``(1,)`` of ``(N, T, E)``; pixels: ``(2, 3)`` of ``(N, C, H, W)``); its score is the sum
+    of its elements' attributions and all its elements share its rank, so they are removed together.
+    """
+    if feature_dims is None:
+        return _ranks(attributions), attributions[0].numel()
+    dims = sorted({d % attributions.dim() for d in feature_dims})
+    if not dims or 0 in dims:
+        raise XAIConfigurationError(f"feature_dims={tuple(feature_dims)} must name non-batch dimensions.")
+    summed = [d for d in range(1, attributions.dim()) if d not in dims]
+    scores = attributions.detach().sum(dim=summed, keepdim=True) if summed else attributions.detach()
+    grouped_ranks = _ranks(scores).view(scores.shape)
+    return grouped_ranks.expand_as(attributions).flatten(1), scores[0].numel()
+
+
 def _top_count(fraction: float, num_features: int) -> int:
     if not 0.0 <= fraction <= 1.0:
         raise XAIConfigurationError(f"fractions must lie in [0, 1], got {fraction}.")
@@ -164,16 +182,15 @@ def _fraction_scores(
     baseline: Baseline,
     keep_top: bool,
     batch_size: int | None,
+    feature_dims: Sequence[int] | None = None,
 ) -> Tensor:
     _check(inputs, attributions, target)
     if len(fractions) == 0:
         raise XAIConfigurationError("fractions is empty; give at least one fraction in [0, 1].")
-    num_features = inputs[0].numel()
+    ranks, num_features = _feature_ranks(attributions, feature_dims)
     counts = [_top_count(float(q), num_features) for q in fractions]
     full = class_probability(model, inputs.detach(), target)
-    perturbed = _perturbed_probabilities(
-        model, inputs, target, _ranks(attributions), counts, keep_top, baseline, batch_size
-    )
+    perturbed = _perturbed_probabilities(model, inputs, target, ranks, counts, keep_top, baseline, batch_size)
     return (full[None] - perturbed).mean(0)
 
 
@@ -185,6 +202,7 @@ def comprehensiveness(
     fractions: Sequence[float] = (0.01, 0.05, 0.1, 0.2, 0.5),
     baseline: Baseline = 0.0,
     batch_size: int | None = None,
+    feature_dims: Sequence[int] | None = None,
 ) -> Tensor:
     """ERASER comprehensiveness (DeYoung et al., ACL 2020): how much the prediction drops without the top features.
 
@@ -200,6 +218,8 @@ def comprehensiveness(
         fractions: the fractions ``q`` in [0, 1] (the ERASER bins by default).
         baseline: the value of removed features (number or tensor broadcasting to ``inputs``).
         batch_size: rows per forward pass over all perturbed copies; None runs one forward per fraction.
+        feature_dims: dimensions that index features (tokens: ``(1,)`` of ``(N, T, E)``); their elements are
+            ranked and removed together. ``None``: every element is a feature.
 
     Returns:
         ``(N,)`` comprehensiveness per sample.
@@ -212,7 +232,7 @@ def comprehensiveness(
         >>> comprehensiveness(model, x, x, torch.tensor([1]), fractions=(0.25, 0.5))
         tensor([0.3665])
     """
-    return _fraction_scores(model, inputs, attributions, target, fractions, baseline, False, batch_size)
+    return _fraction_scores(model, inputs, attributions, target, fractions, baseline, False, batch_size, feature_dims)
 
 
 def sufficiency(
@@ -223,6 +243,7 @@ def sufficiency(
     fractions: Sequence[float] = (0.01, 0.05, 0.1, 0.2, 0.5),
     baseline: Baseline = 0.0,
     batch_size: int | None = None,
+    feature_dims: Sequence[int] | None = None,
 ) -> Tensor:
     """ERASER sufficiency (DeYoung et al., ACL 2020): how much the prediction drops with only the top features.
 
@@ -238,6 +259,8 @@ def sufficiency(
         fractions: the fractions ``q`` in [0, 1].
         baseline: the value of removed features (number or tensor broadcasting to ``inputs``).
         batch_size: rows per forward pass over all perturbed copies; None runs one forward per fraction.
+        feature_dims: dimensions that index features (tokens: ``(1,)`` of ``(N, T, E)``); their elements are
+            ranked and removed together. ``None``: every element is a feature.
 
     Returns:
         ``(N,)`` sufficiency per sample.
@@ -250,7 +273,7 @@ def sufficiency(
         >>> sufficiency(model, x, x, torch.tensor([1]), fractions=(0.25, 0.5))
         tensor([0.0147])
     """
-    return _fraction_scores(model, inputs, attributions, target, fractions, baseline, True, batch_size)
+    return _fraction_scores(model, inputs, attributions, target, fractions, baseline, True, batch_size, feature_dims)
 
 
 def _curve(
@@ -262,14 +285,15 @@ def _curve(
     baseline: Baseline,
     insert: bool,
     batch_size: int | None,
+    feature_dims: Sequence[int] | None = None,
 ) -> Tensor:
     _check(inputs, attributions, target)
     if int(steps) < 1:
         raise XAIConfigurationError(f"steps must be a positive integer, got {steps}.")
     steps = int(steps)
-    num_features = inputs[0].numel()
+    ranks, num_features = _feature_ranks(attributions, feature_dims)
     counts = [(i * num_features + steps - 1) // steps for i in range(steps + 1)]  # ceil(i * F / steps), exact
-    probs = _perturbed_probabilities(model, inputs, target, _ranks(attributions), counts, insert, baseline, batch_size)
+    probs = _perturbed_probabilities(model, inputs, target, ranks, counts, insert, baseline, batch_size)
     return probs.transpose(0, 1)
 
 
@@ -281,6 +305,7 @@ def deletion_curve(
     steps: int = 20,
     baseline: Baseline = 0.0,
     batch_size: int | None = None,
+    feature_dims: Sequence[int] | None = None,
 ) -> Tensor:
     """Probability of ``target`` as the top features are deleted (set to ``baseline``) in ``steps`` chunks.
 
@@ -298,7 +323,7 @@ def deletion_curve(
         >>> deletion_curve(model, x, x, torch.tensor([1]), steps=2)
         tensor([[0.9526, 0.7311, 0.5000]])
     """
-    return _curve(model, inputs, attributions, target, steps, baseline, False, batch_size)
+    return _curve(model, inputs, attributions, target, steps, baseline, False, batch_size, feature_dims)
 
 
 def insertion_curve(
@@ -309,6 +334,7 @@ def insertion_curve(
     steps: int = 20,
     baseline: Baseline = 0.0,
     batch_size: int | None = None,
+    feature_dims: Sequence[int] | None = None,
 ) -> Tensor:
     """Probability of ``target`` as the top features are inserted into the ``baseline`` in ``steps`` chunks.
 
@@ -326,7 +352,7 @@ def insertion_curve(
         >>> insertion_curve(model, x, x, torch.tensor([1]), steps=2)
         tensor([[0.5000, 0.8808, 0.9526]])
     """
-    return _curve(model, inputs, attributions, target, steps, baseline, True, batch_size)
+    return _curve(model, inputs, attributions, target, steps, baseline, True, batch_size, feature_dims)
 
 
 def _trapezoid(curve: Tensor) -> Tensor:
@@ -342,6 +368,7 @@ def deletion_auc(
     steps: int = 20,
     baseline: Baseline = 0.0,
     batch_size: int | None = None,
+    feature_dims: Sequence[int] | None = None,
 ) -> Tensor:
     """Deletion score (Petsiuk et al., BMVC 2018, RISE): area under the deletion curve.
 
@@ -356,6 +383,8 @@ def deletion_auc(
         steps: number of equal chunks of features (the curve has ``steps + 1`` points).
         baseline: the value of removed features (number or tensor broadcasting to ``inputs``).
         batch_size: rows per forward pass over all perturbed copies; None runs one forward per step.
+        feature_dims: dimensions that index features (tokens: ``(1,)`` of ``(N, T, E)``); their elements are
+            ranked and removed together. ``None``: every element is a feature.
 
     Returns:
         ``(N,)`` areas in [0, 1].
@@ -368,7 +397,7 @@ def deletion_auc(
         >>> deletion_auc(model, x, x, torch.tensor([1]), steps=2)  # (0.9526 / 2 + 0.7311 + 0.5 / 2) / 2
         tensor([0.7287])
     """
-    return _trapezoid(deletion_curve(model, inputs, attributions, target, steps, baseline, batch_size))
+    return _trapezoid(deletion_curve(model, inputs, attributions, target, steps, baseline, batch_size, feature_dims))
 
 
 def insertion_auc(
@@ -379,6 +408,7 @@ def insertion_auc(
     steps: int = 20,
     baseline: Baseline = 0.0,
     batch_size: int | None = None,
+    feature_dims: Sequence[int] | None = None,
 ) -> Tensor:
     """Insertion score (Petsiuk et al., BMVC 2018, RISE): area under the insertion curve.
 
@@ -393,6 +423,8 @@ def insertion_auc(
         steps: number of equal chunks of features (the curve has ``steps + 1`` points).
         baseline: the starting value of every feature (number or tensor broadcasting to ``inputs``).
         batch_size: rows per forward pass over all perturbed copies; None runs one forward per step.
+        feature_dims: dimensions that index features (tokens: ``(1,)`` of ``(N, T, E)``); their elements are
+            ranked and removed together. ``None``: every element is a feature.
 
     Returns:
         ``(N,)`` areas in [0, 1].
@@ -405,4 +437,4 @@ def insertion_auc(
         >>> insertion_auc(model, x, x, torch.tensor([1]), steps=2)
         tensor([0.8035])
     """
-    return _trapezoid(insertion_curve(model, inputs, attributions, target, steps, baseline, batch_size))
+    return _trapezoid(insertion_curve(model, inputs, attributions, target, steps, baseline, batch_size, feature_dims))

@@ -23,8 +23,16 @@ class PerturbationScore(AttributionMetric):
     score_sum: Tensor
     total: Tensor
 
-    def __init__(self, baseline: Baseline = 0.0, batch_size: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        baseline: Baseline = 0.0,
+        batch_size: int | None = None,
+        feature_dims: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
+        # dimensions that index features (tokens: (1,) of (N, T, E)); None: every element is a feature
+        self.feature_dims = None if feature_dims is None else tuple(feature_dims)
         if batch_size is not None and int(batch_size) < 1:
             raise XAIConfigurationError(
                 f"{type(self).__name__}(batch_size={batch_size}): give a positive number of rows per forward pass, "
@@ -74,6 +82,7 @@ class FractionScore(PerturbationScore):
         fractions: Sequence[float] = (0.01, 0.05, 0.1, 0.2, 0.5),
         baseline: Baseline = 0.0,
         batch_size: int | None = None,
+        feature_dims: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         fractions = tuple(float(q) for q in fractions)
@@ -81,11 +90,13 @@ class FractionScore(PerturbationScore):
             raise XAIConfigurationError(
                 f"{type(self).__name__}(fractions={fractions}): give at least one fraction, each in [0, 1]."
             )
-        super().__init__(baseline, batch_size, **kwargs)
+        super().__init__(baseline, batch_size, feature_dims, **kwargs)
         self.fractions = fractions
 
     def _scores(self, model: nn.Module, inputs: Tensor, attributions: Tensor, target: Tensor) -> Tensor:
-        return type(self).kernel(model, inputs, attributions, target, self.fractions, self.baseline, self.batch_size)
+        return type(self).kernel(
+            model, inputs, attributions, target, self.fractions, self.baseline, self.batch_size, self.feature_dims
+        )
 
 
 class CurveScore(PerturbationScore):
@@ -93,11 +104,20 @@ class CurveScore(PerturbationScore):
 
     kernel: Any  # staticmethod(fn(model, inputs, attributions, target, steps, baseline, batch_size))
 
-    def __init__(self, steps: int = 20, baseline: Baseline = 0.0, batch_size: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        steps: int = 20,
+        baseline: Baseline = 0.0,
+        batch_size: int | None = None,
+        feature_dims: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if int(steps) < 1:
             raise XAIConfigurationError(f"{type(self).__name__}(steps={steps}): give a positive number of steps.")
-        super().__init__(baseline, batch_size, **kwargs)
+        super().__init__(baseline, batch_size, feature_dims, **kwargs)
         self.steps = int(steps)
 
     def _scores(self, model: nn.Module, inputs: Tensor, attributions: Tensor, target: Tensor) -> Tensor:
-        return type(self).kernel(model, inputs, attributions, target, self.steps, self.baseline, self.batch_size)
+        return type(self).kernel(
+            model, inputs, attributions, target, self.steps, self.baseline, self.batch_size, self.feature_dims
+        )

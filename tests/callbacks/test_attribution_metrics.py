@@ -94,8 +94,10 @@ def test_text_model_is_explained_on_embeddings_and_tokens_are_logged(tmp_path):
         token_decoder=lambda row: [f"<w{i}>" for i in row],
     )
     run = trainer(max_epochs=1, callbacks=[callback], logger=CSVLogger(tmp_path, name="text"))
-    run.fit(TextWithValidation(), loader(data, 16), loader(data, 16))
+    model = TextWithValidation()
+    run.fit(model, loader(data, 16), loader(data, 16))
     assert torch.isfinite(run.callback_metrics["attr/integrated_gradients/comprehensiveness"])
+    assert callback._metrics(model)["comprehensiveness"].feature_dims == (1,)  # ERASER: whole tokens
     html_files = list(tmp_path.rglob("*.html"))
     assert html_files and "&lt;w" in html_files[0].read_text()  # user text is escaped
     assert list(tmp_path.rglob("*.png"))

@@ -220,3 +220,25 @@ def test_wrong_arguments_raise_configuration_errors():
         DeletionAUC(steps=0)
     with pytest.raises(XAIConfigurationError, match="one class index per sample"):
         deletion_auc(model, x, x, torch.tensor([0, 1]))
+
+
+def test_feature_dims_remove_whole_tokens():
+    from lightning_xai.functional import comprehensiveness as token_comprehensiveness
+
+    class FirstToken(torch.nn.Module):
+        def forward(self, embeddings):  # logit of class 1: the sum of token 0's embedding
+            score = embeddings[:, 0].sum(-1)
+            return torch.stack([torch.zeros_like(score), score], dim=1)
+
+    torch.manual_seed(0)
+    embeddings = torch.rand(3, 4, 5) + 0.5  # (N, T, E), all positive
+    attributions = torch.rand(3, 4, 5) * 0.01
+    attributions[:, 0, 0] = 1.0  # only one element of token 0 stands out
+    target = torch.ones(3, dtype=torch.long)
+    model = FirstToken()
+    p_full = torch.softmax(model(embeddings), 1)[:, 1]
+    by_token = token_comprehensiveness(model, embeddings, attributions, target, fractions=(0.25,), feature_dims=(1,))
+    # the top quarter of tokens is token 0, removed whole: the logit drops to 0, p(class 1) to 0.5
+    torch.testing.assert_close(by_token, p_full - 0.5)
+    by_element = token_comprehensiveness(model, embeddings, attributions, target, fractions=(0.25,))
+    assert (by_element < by_token).all()  # 5 of 20 elements: only some of token 0 goes
