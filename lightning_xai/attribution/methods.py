@@ -255,65 +255,34 @@ def _occlusion(
     )
 
 
-@register_attribution_method("feature_ablation")
-def _feature_ablation(
-    model: nn.Module,
-    inputs: Tensor,
-    target: Tensor | None,
-    patch_size: int | None = None,
-    baselines: float = 0.0,
-    additional_forward_args: tuple[Any, ...] | None = None,
-) -> Tensor:
-    feature_mask = _patch_feature_mask(inputs, patch_size or _default_patch(inputs))
-    return captum_attr.FeatureAblation(model).attribute(
-        inputs,
-        target=target,
-        feature_mask=feature_mask,
-        baselines=baselines,
-        additional_forward_args=additional_forward_args,
-    )
+def _patch_grouped(captum_class: type, **defaults: Any) -> AttributionFn:
+    """A Captum perturbation method over feature groups: patches shared by all channels for images."""
+
+    def method(
+        model: nn.Module,
+        inputs: Tensor,
+        target: Tensor | None,
+        patch_size: int | None = None,
+        baselines: float = 0.0,
+        additional_forward_args: tuple[Any, ...] | None = None,
+        **options: Any,
+    ) -> Tensor:
+        feature_mask = _patch_feature_mask(inputs, patch_size or _default_patch(inputs))
+        return captum_class(model).attribute(
+            inputs,
+            target=target,
+            feature_mask=feature_mask,
+            baselines=baselines,
+            additional_forward_args=additional_forward_args,
+            **{**defaults, **options},
+        )
+
+    return method
 
 
-@register_attribution_method("kernel_shap")
-def _kernel_shap(
-    model: nn.Module,
-    inputs: Tensor,
-    target: Tensor | None,
-    patch_size: int | None = None,
-    n_samples: int = 64,
-    baselines: float = 0.0,
-    additional_forward_args: tuple[Any, ...] | None = None,
-) -> Tensor:
-    feature_mask = _patch_feature_mask(inputs, patch_size or _default_patch(inputs))
-    return captum_attr.KernelShap(model).attribute(
-        inputs,
-        target=target,
-        feature_mask=feature_mask,
-        n_samples=n_samples,
-        baselines=baselines,
-        additional_forward_args=additional_forward_args,
-    )
-
-
-@register_attribution_method("lime")
-def _lime(
-    model: nn.Module,
-    inputs: Tensor,
-    target: Tensor | None,
-    patch_size: int | None = None,
-    n_samples: int = 64,
-    baselines: float = 0.0,
-    additional_forward_args: tuple[Any, ...] | None = None,
-) -> Tensor:
-    feature_mask = _patch_feature_mask(inputs, patch_size or _default_patch(inputs))
-    return captum_attr.Lime(model).attribute(
-        inputs,
-        target=target,
-        feature_mask=feature_mask,
-        n_samples=n_samples,
-        baselines=baselines,
-        additional_forward_args=additional_forward_args,
-    )
+register_attribution_method("feature_ablation")(_patch_grouped(captum_attr.FeatureAblation))
+register_attribution_method("kernel_shap")(_patch_grouped(captum_attr.KernelShap, n_samples=64))
+register_attribution_method("lime")(_patch_grouped(captum_attr.Lime, n_samples=64))
 
 
 def _group_masks(inputs: Tensor, patch_size: int | None) -> Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -44,3 +45,82 @@ class AttributionMetric(Metric):
                 f"{type(self).__name__}.update needs {missing} (it requires {list(self.requires)}); pass them as "
                 "keyword arguments."
             )
+
+
+class MeanScoreMetric(AttributionMetric):
+    """The mean of a per-sample score over every sample counted; float64 sums ``score_sum`` and ``total``.
+
+    Subclasses implement :meth:`_scores`, returning the scores of the samples that count (a metric over
+    masks, for example, leaves out samples whose mask is empty).
+    """
+
+    is_differentiable = False
+
+    score_sum: Tensor
+    total: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("score_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _scores(
+        self,
+        inputs: Tensor,
+        attributions: Tensor,
+        target: Tensor | None,
+        model: nn.Module | None,
+        explain_fn: ExplainFn | None,
+        mask: Tensor | None,
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def update(
+        self,
+        inputs: Tensor,
+        attributions: Tensor,
+        target: Tensor | None = None,
+        *,
+        model: nn.Module | None = None,
+        explain_fn: ExplainFn | None = None,
+        mask: Tensor | None = None,
+    ) -> None:
+        """Adds the per-sample scores of a batch; arguments the metric does not ``require`` are not used.
+
+        Raises:
+            XAIConfigurationError: if an argument named in ``requires`` is missing.
+        """
+        self._check_required(model=model, explain_fn=explain_fn, mask=mask, target=target)
+        scores = self._scores(inputs, attributions, target, model, explain_fn, mask)
+        self.score_sum += scores.sum().to(self.score_sum)
+        self.total += scores.numel()
+
+    def compute(self) -> Tensor:
+        """The mean score over every sample counted."""
+        return self.score_sum / self.total
+
+    def plot(self, val: Any = None, ax: Any = None) -> Any:
+        """Plots the value (or ``val``) with torchmetrics' plotting; returns ``(figure, axes)``."""
+        return self._plot(val, ax)
+
+
+class SeededMetric(AttributionMetric):
+    """Draws its random perturbations from its own generator, seeded with ``self.seed`` and re-seeded by reset.
+
+    With ``seed=None`` the global torch generator is used.
+    """
+
+    seed: int | None = None
+    _generator: torch.Generator | None = None
+
+    def _generator_on(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    def reset(self) -> None:
+        """Reset the states and re-seed the generator."""
+        super().reset()
+        self._generator = None

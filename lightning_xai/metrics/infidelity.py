@@ -8,10 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai.functional.robustness import Target, gaussian_perturbation, infidelity
-from lightning_xai.metrics._base import AttributionMetric, ExplainFn
+from lightning_xai.metrics._base import ExplainFn, SeededMetric
 
 
-class Infidelity(AttributionMetric):
+class Infidelity(SeededMetric):
     """Mean explanation infidelity (Yeh et al., 2019) of the attributions, Captum's definition.
 
     For each example, ``E_I[(I^T attr - (f(x) - f(x - I)))^2]`` with Gaussian perturbations
@@ -60,16 +60,8 @@ class Infidelity(AttributionMetric):
         self.noise_std = noise_std
         self.normalize = normalize
         self.seed = seed
-        self._generator: torch.Generator | None = None
         self.add_state("sum_value", default=torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
-
-    def _generator_on(self, device: torch.device) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generator
 
     def update(
         self,
@@ -99,11 +91,6 @@ class Infidelity(AttributionMetric):
     def compute(self) -> Tensor:
         """Mean infidelity over all examples seen."""
         return self.sum_value / self.count
-
-    def reset(self) -> None:
-        """Reset the states and re-seed the generator."""
-        super().reset()
-        self._generator = None
 
     def plot(self, val: Tensor | list[Tensor] | None = None, ax: Any = None) -> Any:
         """Plot one value or a sequence of values (torchmetrics' ``plot``); returns ``(figure, axis)``."""

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from torch import Tensor, nn
 
 from lightning_xai.functional._masks import broadcast_mask
 from lightning_xai.functional.plausibility import region_attribution_mass
-from lightning_xai.metrics._base import AttributionMetric, ExplainFn
+from lightning_xai.metrics._base import ExplainFn, MeanScoreMetric
 
 
-class RegionAttributionMass(AttributionMetric):
+class RegionAttributionMass(MeanScoreMetric):
     """Mean share of absolute attribution inside a forbidden region (a decoy, a spurious patch); lower is better.
 
     Per sample ``sum(|a| * mask) / sum(|a|)`` (0 for an all-zero attribution), see
@@ -24,6 +21,7 @@ class RegionAttributionMass(AttributionMetric):
         kwargs: passed to :class:`torchmetrics.Metric`.
 
     Examples:
+        >>> import torch
         >>> metric = RegionAttributionMass()
         >>> a = torch.tensor([[3.0, -1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [5.0, 5.0, 5.0, 5.0]])
         >>> mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])  # no region in the last sample
@@ -39,40 +37,20 @@ class RegionAttributionMass(AttributionMetric):
     plot_lower_bound = 0.0
     plot_upper_bound = 1.0
 
-    mass_sum: Tensor
-    total: Tensor
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("mass_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(
+    def _scores(
         self,
         inputs: Tensor,
         attributions: Tensor,
-        target: Tensor | None = None,
-        *,
-        model: nn.Module | None = None,
-        explain_fn: ExplainFn | None = None,
-        mask: Tensor | None = None,
-    ) -> None:
-        """Adds the per-sample shares of a batch inside ``mask`` (the forbidden region); other arguments unused.
+        target: Tensor | None,
+        model: nn.Module | None,
+        explain_fn: ExplainFn | None,
+        mask: Tensor | None,
+    ) -> Tensor:
+        """The shares inside ``mask`` (the forbidden region) of the samples whose region is not empty.
 
         Raises:
-            XAIConfigurationError: if ``mask`` is missing.
             MaskShapeError: if ``mask`` does not fit ``attributions``.
         """
-        self._check_required(model=model, explain_fn=explain_fn, mask=mask, target=target)
         mass = region_attribution_mass(attributions, mask)
         has_region = broadcast_mask(mask, attributions).expand_as(attributions).flatten(1).ne(0).any(1)
-        self.mass_sum += mass[has_region].sum().to(self.mass_sum)
-        self.total += has_region.sum()
-
-    def compute(self) -> Tensor:
-        """Mean share over every sample with a region."""
-        return self.mass_sum / self.total
-
-    def plot(self, val: Any = None, ax: Any = None) -> Any:
-        """Plots the value (or ``val``) with torchmetrics' plotting; returns ``(figure, axes)``."""
-        return self._plot(val, ax)
+        return mass[has_region]

@@ -8,10 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai.functional.robustness import Target, sensitivity_max
-from lightning_xai.metrics._base import AttributionMetric, ExplainFn
+from lightning_xai.metrics._base import ExplainFn, SeededMetric
 
 
-class SensitivityMax(AttributionMetric):
+class SensitivityMax(SeededMetric):
     """Mean max-sensitivity (Yeh et al., 2019) of an explanation method, Captum's definition.
 
     For each example, ``max_j ||e(x_j) - e(x)|| / ||e(x)||`` over ``n_perturb_samples`` inputs
@@ -69,16 +69,8 @@ class SensitivityMax(AttributionMetric):
         self.n_perturb_samples = n_perturb_samples
         self.perturb_radius = perturb_radius
         self.seed = seed
-        self._generator: torch.Generator | None = None
         self.add_state("sum_value", default=torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
-
-    def _generator_on(self, device: torch.device) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generator
 
     def update(
         self,
@@ -113,11 +105,6 @@ class SensitivityMax(AttributionMetric):
     def compute(self) -> Tensor:
         """Mean max-sensitivity over all examples seen."""
         return self.sum_value / self.count
-
-    def reset(self) -> None:
-        """Reset the states and re-seed the generator."""
-        super().reset()
-        self._generator = None
 
     def plot(self, val: Tensor | list[Tensor] | None = None, ax: Any = None) -> Any:
         """Plot one value or a sequence of values (torchmetrics' ``plot``); returns ``(figure, axis)``."""
