@@ -113,19 +113,21 @@ def test_sensitivity_max_equals_captum_with_radius_and_norm(cnn_batch):
     torch.testing.assert_close(ours, expected, rtol=RTOL, atol=1e-12)
 
 
-# ---------------------------------------------------------------- vectorization contract
+# ---------------------------------------------------------------- chunking contract
 
 
-def test_infidelity_runs_the_model_once_on_all_perturbations(cnn_batch):
+@pytest.mark.parametrize(("chunk", "expected"), [(None, [6, 54]), (20, [6, 20, 20, 14]), ("auto", [6, 54])])
+def test_infidelity_runs_the_model_once_on_inputs_and_on_perturbations_in_chunks(cnn_batch, chunk, expected):
     model, inputs, target, attributions = cnn_batch
     batch_sizes = []
     handle = model.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
-    infidelity(model, None, inputs, attributions, target, n_perturb_samples=9)
+    infidelity(model, None, inputs, attributions, target, n_perturb_samples=9, max_examples_per_batch=chunk)
     handle.remove()
-    assert sorted(batch_sizes) == [6, 6 * 9]
+    assert sorted(batch_sizes) == sorted(expected)
 
 
-def test_sensitivity_max_explains_once_on_all_perturbations(cnn_batch):
+@pytest.mark.parametrize(("chunk", "expected"), [(None, [6, 18]), (4, [6, 4, 4, 4, 4, 2]), ("auto", [6, 18])])
+def test_sensitivity_max_explains_inputs_once_and_perturbations_in_chunks(cnn_batch, chunk, expected):
     model, inputs, target, _ = cnn_batch
     calls = []
 
@@ -133,9 +135,38 @@ def test_sensitivity_max_explains_once_on_all_perturbations(cnn_batch):
         calls.append((x.shape[0], t.tolist()))
         return saliency_fn(model, x, t)
 
-    sensitivity_max(explain, inputs, target, n_perturb_samples=3)
-    assert [n for n, _ in calls] == [6, 18]
-    assert calls[1][1] == target.repeat_interleave(3).tolist()  # Captum's layout: samples of one example together
+    sensitivity_max(explain, inputs, target, n_perturb_samples=3, max_examples_per_batch=chunk)
+    assert [n for n, _ in calls] == expected
+    # Captum's layout: the samples of one example are adjacent rows
+    assert sum((t for _, t in calls[1:]), []) == target.repeat_interleave(3).tolist()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 7, 128, None])
+def test_chunk_size_does_not_change_the_values(cnn_batch, chunk):
+    model, inputs, target, attributions = cnn_batch
+    torch.manual_seed(0)
+    reference = captum_infidelity(model, gaussian_perturbation(0.1), inputs, attributions, target=target)
+    torch.manual_seed(0)
+    ours = infidelity(model, gaussian_perturbation(0.1), inputs, attributions, target, max_examples_per_batch=chunk)
+    torch.testing.assert_close(ours, reference, rtol=RTOL, atol=1e-7)
+    saliency = Saliency(model)
+    torch.manual_seed(0)
+    reference = captum_sensitivity_max(saliency.attribute, inputs, target=target, n_perturb_samples=4)
+    torch.manual_seed(0)
+    ours = sensitivity_max(
+        lambda x, t: saliency.attribute(x, target=t), inputs, target, n_perturb_samples=4, max_examples_per_batch=chunk
+    )
+    torch.testing.assert_close(ours, reference, rtol=RTOL, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk", [0, -3, "all", 2.5, True])
+def test_invalid_chunk_size_is_named(chunk):
+    model = linear_model()
+    inputs = torch.randn(2, 5)
+    with pytest.raises(XAIConfigurationError, match="max_examples_per_batch"):
+        infidelity(model, None, inputs, inputs, max_examples_per_batch=chunk)
+    with pytest.raises(XAIConfigurationError, match="max_examples_per_batch"):
+        sensitivity_max(lambda x, t: x, inputs, max_examples_per_batch=chunk)
 
 
 # ---------------------------------------------------------------- known answers
