@@ -31,3 +31,7 @@ class MissingMixinError(XAIError, TypeError):
 
 class XAIConfigurationError(XAIError, ValueError):
     """A callback or module is configured in a way that cannot work."""
+
+
+class GroupValueError(XAIError, ValueError):
+    """A protected attribute holds a value outside the range its callback or metric was configured with."""

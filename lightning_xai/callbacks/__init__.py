@@ -3,5 +3,12 @@
 from lightning_xai.callbacks._loss_term import LossTerm, schedule_factor
 from lightning_xai.callbacks.attribution_metrics import AttributionMetrics
 from lightning_xai.callbacks.explanation_penalty import ExplanationPenalty
+from lightning_xai.callbacks.mutual_information_regularizer import MutualInformationRegularizer
 
-__all__ = ["AttributionMetrics", "ExplanationPenalty", "LossTerm", "schedule_factor"]
+__all__ = [
+    "AttributionMetrics",
+    "ExplanationPenalty",
+    "LossTerm",
+    "MutualInformationRegularizer",
+    "schedule_factor",
+]

@@ -6,6 +6,16 @@ here.
 
 from lightning_xai.functional._masks import broadcast_mask
 from lightning_xai.functional.contextual_decomposition import Decomposition
+from lightning_xai.functional.fairness import (
+    as_probabilities,
+    cell_confusion_counts,
+    cell_statistics,
+    dependence_from_statistics,
+    fairness_report,
+    intersectional_cells,
+    mutual_information_penalty,
+    running_statistics,
+)
 from lightning_xai.functional.faithfulness import (
     class_probability,
     comprehensiveness,
@@ -31,6 +41,14 @@ from lightning_xai.functional.sanity import randomize_top_layers, rank_correlati
 
 __all__ = [
     "Decomposition",
+    "as_probabilities",
+    "cell_confusion_counts",
+    "cell_statistics",
+    "dependence_from_statistics",
+    "fairness_report",
+    "intersectional_cells",
+    "mutual_information_penalty",
+    "running_statistics",
     "broadcast_mask",
     "cdep_penalty",
     "class_probability",

@@ -1,0 +1,183 @@
+"""MutualInformationRegularizer: makes predictions independent of intersectional groups of protected attributes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from lightning_xai.callbacks._fairness_common import capture_outputs, check_attributes, output_module, read_groups
+from lightning_xai.callbacks._loss_term import LossTerm, Schedule
+from lightning_xai.errors import XAIConfigurationError
+from lightning_xai.functional.fairness import (
+    ESTIMATORS,
+    Estimator,
+    as_probabilities,
+    cell_statistics,
+    dependence_from_statistics,
+    intersectional_cells,
+    running_statistics,
+)
+from lightning_xai.mixin import StepContext, XAIMixin
+
+_CAPTURED = "mutual_information_regularizer/outputs"
+
+
+class MutualInformationRegularizer(LossTerm):
+    """Penalizes the mutual information between the model's predictions and intersectional groups.
+
+    Kokhlikyan et al. (2022), "Bias mitigation framework for intersectional subgroups in neural networks":
+    the loss gets ``weight * I(Yhat; S)``, the plug-in mutual information between the softmax prediction and
+    the joint cell ``S`` of all protected attributes (e.g. sex x race: 10 cells), which drives the model
+    towards equal prediction rates across cells (demographic parity) with little loss of accuracy. With
+    ``conditional_on_target=True`` it is ``I(Yhat; S | Y)`` (equalized odds).
+
+    The predictions are the outputs of the step's own forward pass, read by a forward hook on the
+    LightningModule (or on ``output_layer``): no second forward. Softmax is applied to ``(N, C)`` logits and
+    a sigmoid to ``(N,)``/``(N, 1)`` logits. The attributes come through the batch contract: one batch key
+    per attribute (integer codes ``0..K-1``), or one ``groups_key`` entry of shape ``(N, A)``.
+
+    Under DDP the fixed-shape per-cell sums and counts are gathered from all ranks with gradients, so the
+    penalty and its gradient are those of the global batch.
+
+    Small batches bias the plug-in estimate upward (a model independent of the groups still scores > 0,
+    more so as cells get small); ``momentum`` evaluates the estimator at running (exponentially averaged)
+    cell statistics, whose gradient is still the current batch's (see
+    :func:`lightning_xai.functional.fairness.running_statistics`), and ``min_cell_count`` leaves out cells
+    with too few examples. :class:`lightning_xai.samplers.StratifiedBatchSampler` keeps every cell in every
+    batch.
+
+    Args:
+        attributes: batch keys of the protected attributes, e.g. ``["sex", "race"]``.
+        num_values: number of values of each attribute, e.g. ``[2, 5]`` (fixed, so that all ranks agree).
+        weight: weight of the term at full schedule.
+        estimator: ``"plugin"`` (mutual information in nats), ``"chi2"`` (chi-square dependence, bounds
+            HGR^2) or ``"hsic"`` (linear-kernel HSIC).
+        conditional_on_target: condition on the true class (batch key ``target``).
+        min_cell_count: cells with fewer (running) examples are left out of the estimate.
+        momentum: weight of the past in the running cell statistics; 0 uses the batch alone.
+        groups_key: batch key of an ``(N, A)`` tensor of codes, used when the attributes have no keys of their own.
+        output_layer: dotted name of the submodule whose output are the logits; ``None``: the module itself
+            (``self(x)`` in ``training_step``).
+        schedule: ``"constant"``, ``"linear_warmup"`` or ``"dann"``.
+        warmup_steps: steps of the linear warm-up.
+        name: log name (``xai/<name>``) and state key; default ``"mutual_information"``.
+
+    Examples:
+        >>> from lightning_xai.callbacks import MutualInformationRegularizer
+        >>> regularizer = MutualInformationRegularizer(attributes=["sex", "race"], num_values=[2, 5], weight=2.0)
+        >>> regularizer.term_name, regularizer.num_cells
+        ('mutual_information', 10)
+    """
+
+    def __init__(
+        self,
+        attributes: list[str],
+        num_values: list[int],
+        weight: float = 1.0,
+        estimator: Estimator = "plugin",
+        conditional_on_target: bool = False,
+        min_cell_count: float = 1.0,
+        momentum: float = 0.0,
+        groups_key: str = "groups",
+        output_layer: str | None = None,
+        schedule: Schedule = "constant",
+        warmup_steps: int = 0,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(weight=weight, schedule=schedule, warmup_steps=warmup_steps, name=name)
+        where = f"{type(self).__name__}"
+        check_attributes(attributes, num_values, where)
+        if estimator not in ESTIMATORS:
+            raise XAIConfigurationError(f"{where}: estimator must be one of {ESTIMATORS}, got {estimator!r}.")
+        if not 0.0 <= momentum < 1.0:
+            raise XAIConfigurationError(f"{where}: momentum must be in [0, 1), got {momentum}.")
+        if min_cell_count < 0 or not math.isfinite(min_cell_count):
+            raise XAIConfigurationError(f"{where}: min_cell_count must be a finite number >= 0, got {min_cell_count}.")
+        self.attributes = list(attributes)
+        self.num_values = [int(k) for k in num_values]
+        self.estimator: Estimator = estimator
+        self.conditional_on_target = conditional_on_target
+        self.min_cell_count = float(min_cell_count)
+        self.momentum = float(momentum)
+        self.groups_key = groups_key
+        self.output_layer = output_layer
+        self.running_sums: Tensor | None = None
+        self.running_counts: Tensor | None = None
+        self.last_value = float("nan")
+
+    @property
+    def num_cells(self) -> int:
+        return math.prod(self.num_values)
+
+    def default_name(self) -> str:
+        return "mutual_information"
+
+    @property
+    def _where(self) -> str:
+        return f"MutualInformationRegularizer(name={self.term_name!r})"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        output_module(pl_module, self.output_layer, self._where)
+
+    def prepare_step(self, pl_module: XAIMixin, context: StepContext) -> Callable[[], None] | None:
+        groups = read_groups(context.data, self.attributes, self.groups_key, self._where)
+        context.cache[f"{_CAPTURED}/{self.term_name}/groups"] = groups
+        module = output_module(pl_module, self.output_layer, self._where)  # type: ignore[arg-type]
+        return capture_outputs(module, lambda: groups.shape[0], context.cache, f"{_CAPTURED}/{self.term_name}")
+
+    def compute_term(self, pl_module: XAIMixin, context: StepContext) -> Tensor:
+        logits = context.cache.get(f"{_CAPTURED}/{self.term_name}")
+        groups = context.cache[f"{_CAPTURED}/{self.term_name}/groups"]
+        if logits is None:
+            where = "the LightningModule" if self.output_layer is None else f"submodule {self.output_layer!r}"
+            raise XAIConfigurationError(
+                f"{self._where}: {where} returned no output with {groups.shape[0]} rows during training_step, so "
+                "there are no predictions to regularize. Call self(x) on the batch in training_step, or set "
+                "output_layer= to the submodule that produces the logits."
+            )
+        probs = as_probabilities(logits.float())
+        cells = intersectional_cells(groups.to(probs.device), self.num_values, self.attributes)
+        target = None
+        if self.conditional_on_target:
+            target = torch.as_tensor(context.get("target", self._where), device=probs.device)
+        sums, counts = cell_statistics(
+            probs, cells, self.num_cells, target, probs.shape[1] if target is not None else None
+        )
+        trainer = pl_module.trainer  # type: ignore[attr-defined]
+        if trainer.world_size > 1:
+            # fixed shapes on every rank; sync_grads lets each rank's gradient see the global estimate
+            sums = pl_module.all_gather(sums, sync_grads=True).sum(0)  # type: ignore[attr-defined]
+            counts = pl_module.all_gather(counts).sum(0)  # type: ignore[attr-defined]
+        running = self.running_sums is not None and self.running_sums.shape == sums.shape
+        mixed_sums = running_statistics(self._on(self.running_sums, sums) if running else None, sums, self.momentum)
+        mixed_counts = running_statistics(
+            self._on(self.running_counts, counts) if running else None, counts, self.momentum
+        )
+        value = dependence_from_statistics(mixed_sums, mixed_counts, self.estimator, self.min_cell_count)
+        if self.momentum > 0 and torch.isfinite(sums.detach()).all():
+            self.running_sums = mixed_sums.detach().clone()
+            self.running_counts = mixed_counts.detach().clone()
+        self.last_value = float(value.detach())
+        return value
+
+    @staticmethod
+    def _on(state: Tensor | None, like: Tensor) -> Tensor | None:
+        return None if state is None else state.to(device=like.device, dtype=like.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.running_sums is not None and self.running_counts is not None:
+            state["running_sums"] = self.running_sums.detach().cpu()
+            state["running_counts"] = self.running_counts.detach().cpu()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.running_sums = state_dict.get("running_sums")
+        self.running_counts = state_dict.get("running_counts")

@@ -1,0 +1,304 @@
+"""Intersectional cells, dependence estimators and fairness rates: references, invariants, edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from fairlearn.metrics import (
+    MetricFrame,
+    demographic_parity_difference,
+    demographic_parity_ratio,
+    equalized_odds_difference,
+    false_positive_rate,
+    selection_rate,
+    true_positive_rate,
+)
+from scipy.stats import chi2_contingency
+from sklearn.metrics import accuracy_score, mutual_info_score
+
+from lightning_xai.errors import GroupValueError, XAIConfigurationError
+from lightning_xai.functional.fairness import (
+    cell_confusion_counts,
+    cell_statistics,
+    dependence_from_statistics,
+    fairness_report,
+    intersectional_cells,
+    mutual_information_penalty,
+    running_statistics,
+)
+
+
+def random_batch(n: int, classes: int = 3, num_values=(2, 3), seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(n, classes, generator=g, dtype=torch.float64), dim=1)
+    groups = torch.stack([torch.randint(0, k, (n,), generator=g) for k in num_values], dim=1)
+    target = torch.randint(0, classes, (n,), generator=g)
+    return probs, groups, target
+
+
+# ---------------------------------------------------------------- cells and statistics
+
+
+def test_cells_are_mixed_radix_with_the_last_attribute_fastest():
+    groups = torch.tensor([[a, b, c] for a in range(2) for b in range(3) for c in range(4)])
+    assert intersectional_cells(groups, [2, 3, 4]).tolist() == list(range(24))
+
+
+def test_out_of_range_value_names_the_attribute_and_the_fix():
+    with pytest.raises(GroupValueError, match=r"'race' has the value 5, outside \[0, 5\)"):
+        intersectional_cells(torch.tensor([[0, 5]]), [2, 5], names=["sex", "race"])
+    with pytest.raises(GroupValueError, match=r"shape \(N, 2\)"):
+        intersectional_cells(torch.zeros(4, 3, dtype=torch.long), [2, 5])
+    with pytest.raises(GroupValueError, match="integer codes"):
+        intersectional_cells(torch.tensor([[0.5, 1.0]]), [2, 5])
+
+
+def test_cell_statistics_equal_a_loop():
+    probs, groups, target = random_batch(50)
+    cells = intersectional_cells(groups, [2, 3])
+    sums, counts = cell_statistics(probs, cells, 6, target)
+    for y in range(3):
+        for s in range(6):
+            rows = (cells == s) & (target == y)
+            torch.testing.assert_close(sums[y, s], probs[rows].sum(0))
+            assert counts[y, s].item() == rows.sum().item()
+
+
+# ---------------------------------------------------------------- estimators against references
+
+
+def test_plugin_mi_of_hard_predictions_equals_sklearn_mutual_info_score():
+    _, groups, _ = random_batch(400, seed=1)
+    cells = intersectional_cells(groups, [2, 3])
+    decisions = (cells % 3 + torch.randint(0, 2, (400,), generator=torch.Generator().manual_seed(2))) % 3
+    one_hot = torch.nn.functional.one_hot(decisions, 3).double()
+    ours = mutual_information_penalty(one_hot, groups, [2, 3])
+    assert ours.item() == pytest.approx(mutual_info_score(cells.numpy(), decisions.numpy()), rel=1e-10)
+
+
+def test_plugin_mi_equals_the_prejudice_remover_index_over_n():
+    # Kamishima et al. (2012): PI = sum_i sum_y M[y|x_i,s_i] ln(Pr[y|s_i] / Pr[y]), with
+    # Pr[y|s] the mean prediction in group s and Pr[y] the overall mean prediction.
+    probs, groups, _ = random_batch(300, classes=2, seed=3)
+    cells = intersectional_cells(groups, [2, 3]).tolist()
+    p = probs.numpy()
+    overall = p.mean(0)
+    by_group = {s: p[[i for i, c in enumerate(cells) if c == s]].mean(0) for s in set(cells)}
+    prejudice_index = sum(
+        p[i, y] * math.log(by_group[cells[i]][y] / overall[y]) for i in range(len(cells)) for y in range(2)
+    )
+    ours = mutual_information_penalty(probs, groups, [2, 3])
+    assert ours.item() == pytest.approx(prejudice_index / len(cells), rel=1e-10)
+
+
+def test_chi2_of_hard_predictions_equals_the_chi_square_statistic_over_n():
+    _, groups, _ = random_batch(500, seed=4)
+    cells = intersectional_cells(groups, [2, 3])
+    decisions = (cells + torch.randint(0, 3, (500,), generator=torch.Generator().manual_seed(5))) % 3
+    table = np.zeros((6, 3))
+    np.add.at(table, (cells.numpy(), decisions.numpy()), 1)
+    statistic = chi2_contingency(table, correction=False).statistic
+    one_hot = torch.nn.functional.one_hot(decisions, 3).double()
+    ours = mutual_information_penalty(one_hot, groups, [2, 3], estimator="chi2")
+    assert ours.item() == pytest.approx(statistic / 500, rel=1e-10)
+
+
+def test_hsic_equals_the_biased_kernel_estimator_with_linear_and_delta_kernels():
+    probs, groups, _ = random_batch(120, seed=6)
+    cells = intersectional_cells(groups, [2, 3])
+    n = 120
+    k = probs @ probs.T  # linear kernel on the predictions
+    indicator = torch.nn.functional.one_hot(cells, 6).double()
+    ell = indicator @ indicator.T  # delta kernel on the cells
+    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    hsic = torch.trace(k @ h @ ell @ h) / n**2
+    ours = mutual_information_penalty(probs, groups, [2, 3], estimator="hsic")
+    assert ours.item() == pytest.approx(hsic.item(), rel=1e-10)
+
+
+def test_conditional_form_is_the_class_weighted_mean_of_per_class_estimates():
+    probs, groups, target = random_batch(600, seed=7)
+    ours = mutual_information_penalty(probs, groups, [2, 3], target, conditional_on_target=True)
+    expected = sum(
+        (target == y).double().mean() * mutual_information_penalty(probs[target == y], groups[target == y], [2, 3])
+        for y in range(3)
+    )
+    assert ours.item() == pytest.approx(float(expected), rel=1e-10)
+
+
+@pytest.mark.parametrize("estimator", ["plugin", "chi2", "hsic"])
+def test_zero_when_every_cell_has_the_same_rates(estimator):
+    # each cell holds the same multiset of predictions, in different orders and cell sizes
+    g = torch.Generator().manual_seed(8)
+    base = torch.softmax(torch.randn(5, 3, generator=g, dtype=torch.float64), 1)
+    probs = torch.cat([base.repeat(k, 1)[torch.randperm(5 * k, generator=g)] for k in (1, 2, 3, 1, 4, 2)])
+    groups = torch.cat([torch.full((5 * k,), s) for s, k in enumerate((1, 2, 3, 1, 4, 2))])
+    groups = torch.stack([groups // 3, groups % 3], dim=1)
+    value = mutual_information_penalty(probs, groups, [2, 3], estimator=estimator)
+    assert abs(value.item()) < 1e-15
+
+
+@pytest.mark.parametrize("estimator", ["plugin", "chi2", "hsic"])
+def test_gradient_matches_finite_differences(estimator):
+    probs, groups, target = random_batch(40, seed=9)
+    logits = torch.log(probs).clone().requires_grad_(True)
+
+    def objective(z):
+        return mutual_information_penalty(
+            torch.softmax(z, 1), groups, [2, 3], target, estimator=estimator, conditional_on_target=True
+        )
+
+    assert torch.autograd.gradcheck(objective, (logits,), eps=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- edge cases: no NaN, no crash
+
+
+@pytest.mark.parametrize("estimator", ["plugin", "chi2", "hsic"])
+def test_missing_cells_single_cells_and_saturated_predictions_give_finite_values_and_gradients(estimator):
+    logits = torch.tensor([[30.0, -30.0], [-30.0, 30.0], [30.0, -30.0]], requires_grad=True)  # probs 0 and 1
+    cases = {
+        "cells missing": torch.tensor([[0, 0], [0, 0], [1, 4]]),
+        "one cell": torch.tensor([[1, 2], [1, 2], [1, 2]]),
+    }
+    for groups in cases.values():
+        value = mutual_information_penalty(torch.softmax(logits, 1), groups, [2, 5], estimator=estimator)
+        (gradient,) = torch.autograd.grad(value, logits)
+        assert torch.isfinite(value) and torch.isfinite(gradient).all()
+    one_cell = mutual_information_penalty(torch.softmax(logits, 1), cases["one cell"], [2, 5], estimator=estimator)
+    assert one_cell.item() == 0.0
+    # one true class only, conditional form: the other strata are empty and drop out
+    value = mutual_information_penalty(
+        torch.softmax(logits, 1), cases["cells missing"], [2, 5], torch.zeros(3), conditional_on_target=True
+    )
+    assert torch.isfinite(value)
+    empty = mutual_information_penalty(torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long), [2, 5])
+    assert empty.item() == 0.0
+
+
+def test_min_cell_count_leaves_small_cells_out():
+    probs = torch.tensor([[0.9, 0.1]] * 4 + [[0.1, 0.9]] * 4 + [[0.5, 0.5]])
+    groups = torch.tensor([0] * 4 + [1] * 4 + [2])
+    full = mutual_information_penalty(probs, groups, [3])
+    without_small = mutual_information_penalty(probs, groups, [3], min_cell_count=2)
+    assert without_small.item() == pytest.approx(mutual_information_penalty(probs[:8], groups[:8], [3]).item())
+    assert without_small.item() != pytest.approx(full.item())
+
+
+def test_bad_estimator_and_missing_target_are_named():
+    probs, groups, _ = random_batch(10)
+    with pytest.raises(XAIConfigurationError, match="estimator must be one of"):
+        mutual_information_penalty(probs, groups, [2, 3], estimator="kde")
+    with pytest.raises(XAIConfigurationError, match="needs target="):
+        mutual_information_penalty(probs, groups, [2, 3], conditional_on_target=True)
+
+
+# ---------------------------------------------------------------- small-sample bias and running statistics
+
+
+def _independent_stream(batches: int, batch_size: int, seed: int):
+    """Predictions independent of 10 cells: the true mutual information is 0."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(batches):
+        probs = torch.distributions.Beta(2.0, 5.0).sample((batch_size,))
+        groups = torch.stack(
+            [torch.randint(0, 2, (batch_size,), generator=g), torch.randint(0, 5, (batch_size,), generator=g)], 1
+        )
+        yield torch.stack([1 - probs, probs], 1).double(), groups
+
+
+def test_plugin_estimate_of_an_independent_model_has_a_floor_that_grows_as_cells_shrink():
+    torch.manual_seed(0)
+    floors = {}
+    for batch_size in (32, 128, 1024):
+        values = [mutual_information_penalty(p, g, [2, 5]).item() for p, g in _independent_stream(40, batch_size, 1)]
+        floors[batch_size] = float(np.mean(values))
+    # roughly inversely proportional to the batch size (about 4 examples per cell at 32)
+    assert floors[32] > 3 * floors[128] > 9 * floors[1024] > 0
+    assert floors[32] > 0.01
+
+
+def test_running_statistics_lower_the_floor_of_small_batches():
+    torch.manual_seed(0)
+    per_batch, running = [], []
+    sums_state = counts_state = None
+    for probs, groups in _independent_stream(200, 32, 2):
+        cells = intersectional_cells(groups, [2, 5])
+        sums, counts = cell_statistics(probs, cells, 10)
+        per_batch.append(dependence_from_statistics(sums, counts).item())
+        sums_state = running_statistics(sums_state, sums, 0.95).detach()
+        counts_state = running_statistics(counts_state, counts, 0.95).detach()
+        running.append(dependence_from_statistics(sums_state, counts_state).item())
+    # after a burn-in, the running estimate sits far below the per-batch floor
+    assert np.mean(running[100:]) < 0.2 * np.mean(per_batch[100:])
+
+
+def test_running_statistics_value_is_the_average_and_gradient_is_the_batchs():
+    current = torch.tensor([1.0, 3.0], requires_grad=True)
+    mixed = running_statistics(torch.tensor([5.0, 5.0]), current, 0.9)
+    torch.testing.assert_close(mixed.detach(), torch.tensor([4.6, 4.8]))
+    (mixed * torch.tensor([2.0, 3.0])).sum().backward()
+    torch.testing.assert_close(current.grad, torch.tensor([2.0, 3.0]))
+    assert running_statistics(None, current, 0.9) is current
+
+
+# ---------------------------------------------------------------- fairness rates against fairlearn
+
+
+def _labelled(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    sex, race = rng.integers(0, 2, n), rng.integers(0, 3, n)
+    y_true = rng.integers(0, 2, n)
+    y_pred = (rng.random(n) < 0.2 + 0.15 * sex + 0.1 * race).astype(int)
+    return y_true, y_pred, sex, race
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fairness_report_equals_fairlearn(seed):
+    y_true, y_pred, sex, race = _labelled(700, seed)
+    cells = intersectional_cells(torch.tensor(np.stack([sex, race], 1)), [2, 3])
+    report = fairness_report(cell_confusion_counts(torch.tensor(y_pred), torch.tensor(y_true), cells, 6))
+    features = {"sex": sex, "race": race}
+    frame = MetricFrame(
+        metrics={
+            "pos_rate": selection_rate,
+            "tpr": true_positive_rate,
+            "fpr": false_positive_rate,
+            "accuracy": accuracy_score,
+        },
+        y_true=y_true,
+        y_pred=y_pred,
+        sensitive_features=features,
+    )
+    by_cell = frame.by_group.reset_index()
+    for _, row in by_cell.iterrows():
+        cell = int(row["sex"]) * 3 + int(row["race"])
+        for name in ("pos_rate", "tpr", "fpr", "accuracy"):
+            assert report[name][cell].item() == pytest.approx(row[name], abs=1e-12)
+    kwargs = dict(sensitive_features=features)
+    assert report["dp_diff"].item() == pytest.approx(demographic_parity_difference(y_true, y_pred, **kwargs), abs=1e-12)
+    assert report["dp_ratio"].item() == pytest.approx(demographic_parity_ratio(y_true, y_pred, **kwargs), abs=1e-12)
+    assert report["eo_diff"].item() == pytest.approx(equalized_odds_difference(y_true, y_pred, **kwargs), abs=1e-12)
+    assert report["eo_diff_mean"].item() == pytest.approx(
+        equalized_odds_difference(y_true, y_pred, agg="mean", **kwargs), abs=1e-12
+    )
+    assert report["worst_cell_accuracy"].item() == pytest.approx(frame.group_min()["accuracy"], abs=1e-12)
+
+
+def test_fairness_report_leaves_undefined_rates_out_of_the_gaps():
+    # cell 2 has no examples, cell 1 no positives: its tpr is undefined (fairlearn would count it as 0)
+    confusion = torch.tensor([[3, 1, 1, 3], [4, 2, 0, 0], [0, 0, 0, 0]])
+    report = fairness_report(confusion)
+    assert math.isnan(report["pos_rate"][2]) and math.isnan(report["tpr"][1])
+    assert report["dp_diff"].item() == pytest.approx(0.5 - 2 / 6)
+    assert report["tpr_diff"].item() == 0.0
+    assert report["fpr_diff"].item() == pytest.approx(2 / 6 - 1 / 4)
+    assert report["count"].tolist() == [8, 6, 0]
+
+
+def test_confusion_counts_refuse_non_binary_labels():
+    with pytest.raises(XAIConfigurationError, match="binary"):
+        cell_confusion_counts(torch.tensor([0, 2]), torch.tensor([0, 1]), torch.tensor([0, 0]), 1)
