@@ -1,4 +1,4 @@
-"""Rendering helpers for attribution pictures: heatmap grids and highlighted tokens.
+"""Rendering helpers for attribution and fairness pictures: heatmap grids, highlighted tokens, per-cell rates.
 
 Every function is pure: it takes tensors or lists and returns a ``uint8`` RGB array (or an HTML string). Figures
 are drawn on matplotlib's Agg canvas directly (no ``pyplot``), so the user's matplotlib backend and global figure
@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.lines import Line2D
 
-__all__ = ["highlight_tokens_html", "render_heatmaps", "render_tokens_png"]
+__all__ = ["highlight_tokens_html", "render_cell_rates", "render_heatmaps", "render_tokens_png"]
 
 _DPI = 100
 _MAX_INTENSITY = 0.85  # the strongest token background is this far from white towards pure red / blue
@@ -287,3 +287,62 @@ def render_tokens_png(
         )
     rgb = _figure_to_rgb(fig)
     return rgb[:height_px, :width_px]
+
+
+def render_cell_rates(
+    cell_names: Sequence[str],
+    rates: dict[str, Sequence[float]],
+    counts: Sequence[float] | None = None,
+    title: str = "",
+) -> np.ndarray:
+    """Grouped bars of per-cell rates (positive rate, TPR, FPR, accuracy, ...) as one RGB picture.
+
+    One group of bars per intersectional cell, one bar per rate; an undefined rate (NaN) leaves a gap and is
+    marked "n/a". With ``counts`` each cell's label shows its number of examples, so that a reader sees which
+    rates rest on a handful of examples. The dashed line of each colour is the rate's mean over the cells.
+
+    Args:
+        cell_names: the cells, in order.
+        rates: rate name -> one value per cell, in ``[0, 1]``.
+        counts: examples per cell.
+        title: the figure title.
+
+    Returns:
+        ``(H, W, 3)`` ``uint8`` array.
+
+    Examples:
+        >>> image = render_cell_rates(["Male_White", "Female_White"], {"pos_rate": [0.3, 0.1]}, counts=[90, 40])
+        >>> image.dtype, image.shape[2]
+        (dtype('uint8'), 3)
+    """
+    names = list(cell_names)
+    series = {key: np.asarray(list(values), dtype=np.float64) for key, values in rates.items()}
+    for key, values in series.items():
+        if values.shape != (len(names),):
+            raise ValueError(f"render_cell_rates: rates[{key!r}] has {values.size} values for {len(names)} cells.")
+    width = max(6.0, 0.55 * len(names) * max(len(series), 1) * 0.5 + 2.0)
+    fig = Figure(figsize=(width, 3.6), dpi=_DPI)
+    ax = fig.add_subplot(1, 1, 1)
+    positions = np.arange(len(names))
+    bar_width = 0.8 / max(len(series), 1)
+    colours = ["#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd"]
+    for index, (key, values) in enumerate(series.items()):
+        offset = positions - 0.4 + bar_width * (index + 0.5)
+        colour = colours[index % len(colours)]
+        defined = ~np.isnan(values)
+        ax.bar(offset[defined], values[defined], bar_width, label=key, color=colour)
+        for x in offset[~defined]:
+            ax.text(x, 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color=colour)
+        if defined.any():
+            ax.axhline(float(values[defined].mean()), color=colour, linestyle="--", linewidth=0.8, alpha=0.7)
+    labels = names if counts is None else [f"{name}\n(n={int(c)})" for name, c in zip(names, counts)]
+    ax.set_xticks(positions)
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylim(0.0, 1.2)  # the band above 1 holds the legend, clear of the bars
+    ax.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.set_ylabel("rate")
+    ax.legend(fontsize=7, ncols=max(len(series), 1), loc="upper center", frameon=False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _figure_to_rgb(fig)

@@ -26,7 +26,7 @@ YAML_FILES = sorted((REPO_ROOT / "callbacks").glob("*.yaml"))
 
 
 class _RandomDictDataset(Dataset):
-    """Random 1x6x6 images with labels and a mask over the left half (the batch contract's dict layout)."""
+    """Random 1x6x6 images with labels, a mask over the left half and protected attributes ``sex``, ``race``."""
 
     def __init__(self, size: int = 16) -> None:
         generator = torch.Generator().manual_seed(0)
@@ -34,12 +34,20 @@ class _RandomDictDataset(Dataset):
         self.targets = torch.randint(0, 3, (size,), generator=generator)
         self.masks = torch.zeros(size, 1, 6, 6)
         self.masks[..., :3] = 1.0
+        self.sex = torch.randint(0, 2, (size,), generator=generator)
+        self.race = torch.randint(0, 3, (size,), generator=generator)
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input": self.inputs[index], "target": self.targets[index], "mask": self.masks[index]}
+        return {
+            "input": self.inputs[index],
+            "target": self.targets[index],
+            "mask": self.masks[index],
+            "sex": self.sex[index],
+            "race": self.race[index],
+        }
 
 
 class TinyDataModule(pl.LightningDataModule):
@@ -48,6 +56,9 @@ class TinyDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
 
     def train_dataloader(self) -> DataLoader:
+        return DataLoader(_RandomDictDataset(), batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
         return DataLoader(_RandomDictDataset(), batch_size=self.batch_size)
 
 
@@ -63,6 +74,9 @@ class TinyModel(XAIMixin, pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return F.cross_entropy(self(batch["input"]), batch["target"])
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val_loss", F.cross_entropy(self(batch["input"]), batch["target"]))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -138,3 +152,6 @@ def test_yaml_trains_and_logs_its_terms(yaml_path: Path, monkeypatch: pytest.Mon
     if terms:
         assert any(key.startswith("xai/total") for key in metrics)
         assert all(term.steps_seen == 2 for term in terms)
+    for callback in cli.trainer.callbacks:
+        if type(callback).__name__ == "FairnessMetrics":
+            assert torch.isfinite(metrics[f"{callback.prefix}/dp_diff"])

@@ -3,11 +3,13 @@
 from lightning_xai.callbacks._loss_term import LossTerm, schedule_factor
 from lightning_xai.callbacks.attribution_metrics import AttributionMetrics
 from lightning_xai.callbacks.explanation_penalty import ExplanationPenalty
+from lightning_xai.callbacks.fairness_metrics import FairnessMetrics
 from lightning_xai.callbacks.mutual_information_regularizer import MutualInformationRegularizer
 
 __all__ = [
     "AttributionMetrics",
     "ExplanationPenalty",
+    "FairnessMetrics",
     "LossTerm",
     "MutualInformationRegularizer",
     "schedule_factor",

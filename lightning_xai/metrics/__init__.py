@@ -1,15 +1,17 @@
-"""Attribution-quality metrics as torchmetrics ``Metric`` classes, one per module, over functional kernels.
+"""Attribution-quality and fairness metrics as torchmetrics ``Metric`` classes, one per module, over functional kernels.
 
-Every metric shares one ``update(inputs, attributions, target=None, *, model=None, explain_fn=None,
+Every attribution metric shares one ``update(inputs, attributions, target=None, *, model=None, explain_fn=None,
 mask=None)`` signature (see :mod:`lightning_xai.metrics._base`); states are sums, exact under DDP.
 """
 
 from lightning_xai.metrics._base import AttributionMetric
 from lightning_xai.metrics.comprehensiveness import Comprehensiveness
 from lightning_xai.metrics.confidence_indication import ConfidenceIndication
+from lightning_xai.metrics.counterfactual_flip import CounterfactualFlip
 from lightning_xai.metrics.deletion_auc import DeletionAUC
 from lightning_xai.metrics.infidelity import Infidelity
 from lightning_xai.metrics.insertion_auc import InsertionAUC
+from lightning_xai.metrics.intersectional_fairness import IntersectionalFairness
 from lightning_xai.metrics.randomization_sanity import RandomizationSanity
 from lightning_xai.metrics.rationale_agreement import RationaleAgreement
 from lightning_xai.metrics.region_attribution_mass import RegionAttributionMass
@@ -20,9 +22,11 @@ __all__ = [
     "AttributionMetric",
     "Comprehensiveness",
     "ConfidenceIndication",
+    "CounterfactualFlip",
     "DeletionAUC",
     "Infidelity",
     "InsertionAUC",
+    "IntersectionalFairness",
     "RandomizationSanity",
     "RationaleAgreement",
     "RegionAttributionMass",

@@ -50,3 +50,52 @@ def test_ddp_spawn_two_processes_equal_single_process_on_global_batch(method):
     # ddp_spawn sends the trained weights back to the main process
     for parameter, before, gradient in zip(model.parameters(), reference.parameters(), gradients):
         torch.testing.assert_close(parameter.detach(), before.detach() - 0.5 * gradient, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_ddp_mutual_information_regularizer_equals_single_process_on_global_batch(conditional):
+    from lightning_xai.callbacks import MutualInformationRegularizer
+    from lightning_xai.functional import mutual_information_penalty
+
+    g = torch.Generator().manual_seed(0)
+    n = 16
+    x = torch.randn(n, 4, generator=g)
+    y = torch.randint(0, 2, (n,), generator=g)
+    sex, race = torch.randint(0, 2, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)
+    data = DictDataset(input=x, target=y, sex=sex, race=race)
+    torch.manual_seed(0)
+    model = MLP(optimizer="sgd", lr=0.5)
+    reference = copy.deepcopy(model)
+    weight = 3.0
+    regularizer = MutualInformationRegularizer(
+        ["sex", "race"], [2, 3], weight=weight, conditional_on_target=conditional
+    )
+    run = trainer(max_steps=1, devices=2, strategy="ddp_spawn", use_distributed_sampler=True, callbacks=[regularizer])
+    run.fit(model, loader(data, n // 2))  # each rank sees half of the batch, and some cells only on one rank
+
+    logits = reference(x)
+    penalty = mutual_information_penalty(
+        logits.softmax(1), torch.stack([sex, race], 1), [2, 3], y, conditional_on_target=conditional
+    )
+    # every rank computes the global-batch estimate from the gathered cell sums
+    assert run.callback_metrics["xai/mutual_information_step"].item() == pytest.approx(penalty.item(), rel=1e-5)
+    loss = F.cross_entropy(logits, y) + weight * penalty
+    gradients = torch.autograd.grad(loss, list(reference.parameters()))
+    for parameter, before, gradient in zip(model.parameters(), reference.parameters(), gradients):
+        torch.testing.assert_close(parameter.detach(), before.detach() - 0.5 * gradient, atol=1e-5, rtol=1e-4)
+
+
+def test_ddp_fairness_metrics_equal_single_process():
+    from lightning_xai.callbacks import FairnessMetrics
+    from tests.callbacks.test_fairness_metrics import Classifier, tabular
+
+    data = tabular(64)
+    values = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
+        callback = FairnessMetrics(["sex", "race"], [2, 3], attribute_columns={"sex": [2, 3], "race": [4, 5, 6]})
+        run = trainer(devices=devices, strategy=strategy, use_distributed_sampler=True, callbacks=[callback])
+        run.validate(Classifier(), loader(DictDataset(**data), 16))
+        values[devices] = {k: v.item() for k, v in run.callback_metrics.items() if k.startswith("fair/")}
+    assert values[1].keys() == values[2].keys() and len(values[1]) > 40
+    for key, value in values[1].items():
+        assert values[2][key] == pytest.approx(value, abs=1e-6), key

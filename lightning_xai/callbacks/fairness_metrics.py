@@ -1,0 +1,308 @@
+"""FairnessMetrics: intersectional group-fairness rates, gaps and a causal flip test, logged per validation epoch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_utilities.core.rank_zero import rank_zero_info
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor
+
+from lightning_xai.callbacks._fairness_common import (
+    capture_outputs,
+    cell_names,
+    check_attributes,
+    logits_of,
+    output_module,
+    read_groups,
+)
+from lightning_xai.errors import XAIConfigurationError
+from lightning_xai.functional.fairness import intersectional_cells
+from lightning_xai.loggers import log_image
+from lightning_xai.metrics.counterfactual_flip import CounterfactualFlip
+from lightning_xai.metrics.intersectional_fairness import CELL_KEYS, IntersectionalFairness, positive_probability
+from lightning_xai.mixin import XAIMixin
+
+CounterfactualFn = Callable[[Tensor, str, int], Tensor]
+_CAPTURED = "fairness_metrics/outputs"
+
+
+class FairnessMetrics(Callback):
+    """Logs intersectional fairness metrics of the model's predictions on every validation epoch.
+
+    During validation the callback reads the outputs of the module's own forward pass with a forward hook
+    (a forward of its own, ``xai_forward(input)``, only when the validation step never calls the module on
+    the batch) and the protected attributes through the batch contract, and accumulates per-cell counts
+    (:class:`~lightning_xai.metrics.IntersectionalFairness`; exact under DDP). At the end of the epoch it
+    logs, under ``prefix`` (``fair``):
+
+    * ``fair/dp_diff``, ``fair/dp_ratio``, ``fair/eo_diff``, ``fair/eo_diff_mean``, ``fair/worst_cell_accuracy``,
+      ``fair/mi`` (soft predictions), ``fair/mi_decision`` (decisions);
+    * per cell ``fair/cell/<cell>/{count,pos_rate,tpr,fpr,accuracy}``, cells named ``Male_White`` from
+      ``value_names`` (or ``sex0_race4``); undefined rates are not logged;
+    * with ``attribute_columns`` or ``counterfactual_fn``, the causal flip test: every protected attribute of
+      every example is set to each of its other values and the model re-run, giving
+      ``fair/flip/<attribute>/{abs_change,flip_rate}`` and ``fair/cell/<cell>/{abs_change,flip_rate}``
+      (:class:`~lightning_xai.metrics.CounterfactualFlip`);
+    * a bar chart of the per-cell rates, ``fair/cell_rates``, through the trainer's loggers
+      (:mod:`lightning_xai.loggers`) every ``plot_every_n_epochs`` epochs, by rank 0.
+
+    The sanity-check pass is skipped. Binary tasks: ``(N,)``/``(N, 1)`` outputs are a positive-class logit
+    (or probability), ``(N, C)`` outputs are class scores with ``positive_class`` as the positive decision.
+
+    Args:
+        attributes: batch keys of the protected attributes (integer codes ``0..K-1``), e.g. ``["sex", "race"]``.
+        num_values: number of values of each attribute, e.g. ``[2, 5]``.
+        value_names: names of the values per attribute, for the cell names in the logs and the chart.
+        threshold: decision threshold for ``(N,)`` outputs.
+        positive_class: the positive class of ``(N, C)`` outputs.
+        min_cell_count: cells with fewer examples over the epoch are left out of the gaps (still logged).
+        groups_key: batch key of an ``(N, A)`` tensor of codes, used when the attributes have no keys of their own.
+        output_layer: dotted name of the submodule whose output are the logits; ``None``: the module itself.
+        attribute_columns: for the flip test on tabular inputs ``(N, F)``, the input columns of each attribute:
+            ``K`` one-hot columns, or one column holding the integer code.
+        counterfactual_fn: for the flip test on other inputs, ``fn(inputs, attribute, value) -> inputs`` with the
+            attribute set to ``value`` in every row.
+        plot_every_n_epochs: log the bar chart every this many validation epochs; 0 never.
+        prefix: the log prefix.
+
+    Examples:
+        >>> callback = FairnessMetrics(["sex", "race"], [2, 2], value_names={"sex": ["M", "F"], "race": ["A", "B"]})
+        >>> callback.cell_names
+        ['M_A', 'M_B', 'F_A', 'F_B']
+    """
+
+    def __init__(
+        self,
+        attributes: list[str],
+        num_values: list[int],
+        value_names: dict[str, list[str]] | None = None,
+        threshold: float = 0.5,
+        positive_class: int = 1,
+        min_cell_count: int = 1,
+        groups_key: str = "groups",
+        output_layer: str | None = None,
+        attribute_columns: dict[str, list[int]] | None = None,
+        counterfactual_fn: CounterfactualFn | None = None,
+        plot_every_n_epochs: int = 1,
+        prefix: str = "fair",
+    ) -> None:
+        super().__init__()
+        check_attributes(attributes, num_values, "FairnessMetrics")
+        self.attributes = list(attributes)
+        self.num_values = [int(k) for k in num_values]
+        self.value_names = value_names
+        self.cell_names = cell_names(self.attributes, self.num_values, value_names)
+        self.threshold = threshold
+        self.positive_class = positive_class
+        self.min_cell_count = min_cell_count
+        self.groups_key = groups_key
+        self.output_layer = output_layer
+        self.attribute_columns = {k: [int(c) for c in v] for k, v in (attribute_columns or {}).items()}
+        self.counterfactual_fn = counterfactual_fn
+        self.plot_every_n_epochs = plot_every_n_epochs
+        self.prefix = prefix
+        for attribute, columns in self.attribute_columns.items():
+            if attribute not in self.attributes:
+                raise XAIConfigurationError(
+                    f"FairnessMetrics: attribute_columns names {attribute!r}, which is not among the attributes "
+                    f"{self.attributes}."
+                )
+            k = self.num_values[self.attributes.index(attribute)]
+            if len(columns) not in (1, k):
+                raise XAIConfigurationError(
+                    f"FairnessMetrics: attribute_columns[{attribute!r}] lists {len(columns)} columns; give {k} one-hot "
+                    "columns or 1 column holding the integer code."
+                )
+        self.fairness = IntersectionalFairness(
+            self.num_values, self.cell_names, threshold, positive_class, min_cell_count
+        )
+        self.flip = CounterfactualFlip(self.attributes, self.num_values, self.cell_names)
+        self.epochs_logged = 0
+        self._remove_hook: Callable[[], None] | None = None
+        self._store: dict[str, Any] = {}
+        self._fallback_announced = False
+        self.last_values: dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)
+
+    @property
+    def flip_test(self) -> bool:
+        return bool(self.attribute_columns) or self.counterfactual_fn is not None
+
+    # ----------------------------------------------------------------- Lightning hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        output_module(pl_module, self.output_layer, "FairnessMetrics")
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fairness.to(pl_module.device)
+        self.flip.to(pl_module.device)
+        self.fairness.reset()
+        self.flip.reset()
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if trainer.sanity_checking:
+            return
+        data = self._data(pl_module, batch)
+        groups = read_groups(data, self.attributes, self.groups_key, "FairnessMetrics")
+        self._store = {"groups": groups, "data": data}
+        module = output_module(pl_module, self.output_layer, "FairnessMetrics")
+        self._remove_hook = capture_outputs(module, lambda: groups.shape[0], self._store, _CAPTURED)
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._remove_hook is not None:
+            self._remove_hook()
+            self._remove_hook = None
+        if trainer.sanity_checking or "groups" not in self._store:
+            return
+        data, groups = self._store["data"], self._store["groups"]
+        logits = self._store.get(_CAPTURED)
+        inputs = data.get("input")
+        if logits is None:
+            if not self._fallback_announced:
+                rank_zero_info(
+                    "FairnessMetrics: the validation step did not call the model on the batch; running "
+                    "xai_forward(input) once per batch for the predictions."
+                )
+                self._fallback_announced = True
+            logits = self._forward(pl_module, self._input(inputs))
+        if "target" not in data:
+            raise XAIConfigurationError(
+                f"FairnessMetrics needs the batch key 'target' (the true labels), but the batch has {sorted(data)}."
+            )
+        target = torch.as_tensor(data["target"]).reshape(-1)
+        self.fairness.update(logits.detach(), target, groups)
+        if self.flip_test:
+            self._update_flip(pl_module, self._input(inputs), logits.detach(), groups)
+        self._store = {}
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        values = {key: value for key, value in self.fairness.compute().items()}  # collective under DDP
+        if self.flip_test:
+            flips = self.flip.compute()
+            values.update({(key if key.startswith("cell/") else f"flip/{key}"): value for key, value in flips.items()})
+        for key, value in values.items():
+            if torch.isfinite(value):
+                pl_module.log(f"{self.prefix}/{key}", value.float(), on_epoch=True, sync_dist=False)
+        self.last_values = {key: float(value) for key, value in values.items()}
+        self.epochs_logged += 1
+        due = self.plot_every_n_epochs > 0 and (self.epochs_logged - 1) % self.plot_every_n_epochs == 0
+        if due and trainer.is_global_zero:
+            self._log_chart(trainer)
+
+    # ----------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _data(pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
+        if isinstance(pl_module, XAIMixin):
+            return pl_module.xai_batch(batch)
+        if isinstance(batch, Mapping):
+            return batch
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            extras = batch[2] if len(batch) > 2 and isinstance(batch[2], Mapping) else {}
+            return {"input": batch[0], "target": batch[1], **extras}
+        raise XAIConfigurationError(
+            f"FairnessMetrics cannot read a {type(batch).__name__} batch; subclass XAIMixin and override xai_batch()."
+        )
+
+    @staticmethod
+    def _input(inputs: Any) -> Tensor:
+        if not isinstance(inputs, Tensor):
+            raise XAIConfigurationError(
+                "FairnessMetrics needs the batch input (key 'input') as a tensor to run the model; override "
+                "xai_batch() or make the validation step call the model on the batch."
+            )
+        return inputs
+
+    def _forward(self, pl_module: pl.LightningModule, inputs: Tensor) -> Tensor:
+        with torch.no_grad():
+            output = pl_module.xai_forward(inputs) if isinstance(pl_module, XAIMixin) else pl_module(inputs)
+        logits = logits_of(output)
+        if logits is None:
+            raise XAIConfigurationError(
+                f"FairnessMetrics: the model returned {type(output).__name__}, not logits; override xai_forward()."
+            )
+        return logits
+
+    def _decisions(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        probability = positive_probability(logits, self.positive_class)
+        if logits.dim() == 2 and logits.shape[1] > 1:
+            return probability, (logits.argmax(1) == self.positive_class).long()
+        return probability, (probability >= self.threshold).long()
+
+    def _counterfactual(self, inputs: Tensor, attribute: str, value: int) -> Tensor:
+        if self.counterfactual_fn is not None:
+            return self.counterfactual_fn(inputs, attribute, value)
+        columns = self.attribute_columns.get(attribute)
+        if columns is None:
+            raise XAIConfigurationError(
+                f"FairnessMetrics: the flip test needs the input columns of {attribute!r}; add it to "
+                "attribute_columns or pass counterfactual_fn."
+            )
+        if inputs.dim() != 2 or max(columns) >= inputs.shape[1]:
+            raise XAIConfigurationError(
+                f"FairnessMetrics: attribute_columns[{attribute!r}]={columns} needs (N, F) inputs with F > "
+                f"{max(columns)}, got shape {tuple(inputs.shape)}; pass counterfactual_fn for other inputs."
+            )
+        changed = inputs.clone()
+        if len(columns) == 1:
+            changed[:, columns[0]] = value
+        else:
+            changed[:, columns] = 0
+            changed[:, columns[value]] = 1
+        return changed
+
+    def _update_flip(self, pl_module: pl.LightningModule, inputs: Tensor, logits: Tensor, groups: Tensor) -> None:
+        cells = intersectional_cells(groups.to(logits.device), self.num_values, self.attributes)
+        probability, decision = self._decisions(logits)
+        for index, attribute in enumerate(self.attributes):
+            current = groups[:, index].to(inputs.device)
+            for value in range(self.num_values[index]):
+                rows = current != value
+                if not bool(rows.any()):
+                    continue
+                counterfactual = self._forward(pl_module, self._counterfactual(inputs[rows], attribute, value))
+                cf_probability, cf_decision = self._decisions(counterfactual)
+                self.flip.update(index, cells[rows], probability[rows], cf_probability, decision[rows], cf_decision)
+
+    def _log_chart(self, trainer: pl.Trainer) -> None:
+        from lightning_xai.visualization import render_cell_rates
+
+        values = self.last_values
+        present = [i for i, name in enumerate(self.cell_names) if values[f"cell/{name}/count"] > 0]
+        names = [self.cell_names[i] for i in present]
+        rates = {
+            key: [values[f"cell/{self.cell_names[i]}/{key}"] for i in present] for key in CELL_KEYS if key != "count"
+        }
+        counts = [values[f"cell/{name}/count"] for name in names]
+        dp = values.get("dp_diff", math.nan)
+        eo = values.get("eo_diff", math.nan)
+        title = f"epoch {trainer.current_epoch}: DP difference {dp:.3f}, EO difference {eo:.3f}"
+        log_image(
+            trainer, f"{self.prefix}/cell_rates", render_cell_rates(names, rates, counts, title), trainer.global_step
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs_logged": self.epochs_logged}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epochs_logged = int(state_dict.get("epochs_logged", 0))

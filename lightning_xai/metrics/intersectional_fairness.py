@@ -1,0 +1,160 @@
+"""Intersectional group-fairness rates and gaps as a torchmetrics metric, from per-cell counts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from lightning_xai.errors import XAIConfigurationError
+from lightning_xai.functional.fairness import (
+    cell_confusion_counts,
+    dependence_from_statistics,
+    fairness_report,
+    intersectional_cells,
+)
+
+SUMMARY_KEYS = ("dp_diff", "dp_ratio", "eo_diff", "eo_diff_mean", "worst_cell_accuracy", "mi", "mi_decision")
+CELL_KEYS = ("count", "pos_rate", "tpr", "fpr", "accuracy")
+
+
+def positive_probability(preds: Tensor, positive_class: int = 1) -> Tensor:
+    """Probability of the positive class from ``(N,)`` or ``(N, C)`` predictions, probabilities or logits.
+
+    Values outside ``[0, 1]`` are read as logits (sigmoid for ``(N,)``, softmax for ``(N, C)``), as torchmetrics
+    reads them.
+
+    Examples:
+        >>> import torch
+        >>> positive_probability(torch.tensor([0.2, 0.9]))
+        tensor([0.2000, 0.9000])
+        >>> positive_probability(torch.tensor([[2.0, 0.0]])).round(decimals=4)
+        tensor([0.1192])
+    """
+    preds = preds.detach().float()
+    if preds.dim() == 2 and preds.shape[1] == 1:
+        preds = preds[:, 0]
+    is_probability = bool(((preds >= 0) & (preds <= 1)).all()) if preds.numel() else True
+    if preds.dim() == 1:
+        return preds if is_probability else torch.sigmoid(preds)
+    if preds.dim() != 2 or not 0 <= positive_class < preds.shape[1]:
+        raise XAIConfigurationError(
+            f"predictions must be (N,) or (N, C) with positive_class={positive_class} < C, got shape "
+            f"{tuple(preds.shape)}."
+        )
+    sums_to_one = torch.allclose(preds.sum(1), torch.ones_like(preds[:, 0]))
+    probs = preds if is_probability and sums_to_one else preds.softmax(1)
+    return probs[:, positive_class]
+
+
+class IntersectionalFairness(Metric):
+    """Group-fairness rates over the intersectional cells of several protected attributes.
+
+    Accumulates, per cell, confusion counts of the binary decisions and the sum of the positive-class
+    probabilities (fixed-shape sums: exact under DDP, and a batch that lacks a cell is counted right, unlike
+    torchmetrics 1.9's ``BinaryFairness``). ``compute`` returns a dict:
+
+    * ``dp_diff``, ``dp_ratio``: demographic-parity difference and ratio of the positive rates;
+    * ``eo_diff``, ``eo_diff_mean``: equalized-odds difference, worst case and mean of the TPR and FPR gaps;
+    * ``worst_cell_accuracy``;
+    * ``mi``: plug-in mutual information (nats) between the soft prediction and the cell, the quantity
+      :class:`~lightning_xai.callbacks.MutualInformationRegularizer` minimizes; ``mi_decision``: the same for
+      the hard decisions;
+    * per cell ``cell/<name>/<key>`` for ``count``, ``pos_rate``, ``tpr``, ``fpr`` and ``accuracy`` (NaN
+      where undefined, e.g. a cell without positives has no ``tpr``).
+
+    The gaps follow fairlearn's ``between_groups`` definitions (they equal ``demographic_parity_difference``,
+    ``equalized_odds_difference`` and ``MetricFrame`` results on data where every cell has both labels),
+    taken over the cells where a rate is defined; cells with fewer than ``min_cell_count`` examples are left
+    out of the gaps, since a handful of examples makes a rate noise.
+
+    Args:
+        num_values: number of values of each protected attribute, e.g. ``[2, 5]``.
+        cell_names: one name per cell (mixed-radix order, last attribute fastest); default ``cell0``, ...
+        threshold: decision threshold on the positive-class probability for ``(N,)`` predictions.
+        positive_class: the positive class of ``(N, C)`` predictions (decision: argmax equals it).
+        min_cell_count: smallest cell counted in the gaps.
+
+    Examples:
+        >>> import torch
+        >>> metric = IntersectionalFairness(num_values=[2])
+        >>> metric.update(torch.tensor([0.9, 0.8, 0.2, 0.6]), torch.tensor([1, 0, 0, 1]), torch.tensor([0, 0, 1, 1]))
+        >>> values = metric.compute()
+        >>> float(values["dp_diff"]), float(values["cell/cell0/pos_rate"]), float(values["eo_diff"])
+        (0.5, 1.0, 1.0)
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    confusion: Tensor
+    positive_sum: Tensor
+
+    def __init__(
+        self,
+        num_values: Sequence[int],
+        cell_names: Sequence[str] | None = None,
+        threshold: float = 0.5,
+        positive_class: int = 1,
+        min_cell_count: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.num_values = [int(k) for k in num_values]
+        self.num_cells = math.prod(self.num_values)
+        self.cell_names = list(cell_names) if cell_names is not None else [f"cell{i}" for i in range(self.num_cells)]
+        if len(self.cell_names) != self.num_cells:
+            raise XAIConfigurationError(
+                f"IntersectionalFairness: {len(self.cell_names)} cell_names for {self.num_cells} cells "
+                f"(num_values={self.num_values})."
+            )
+        self.threshold = threshold
+        self.positive_class = positive_class
+        self.min_cell_count = min_cell_count
+        self.add_state("confusion", default=torch.zeros(self.num_cells, 4, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("positive_sum", default=torch.zeros(self.num_cells, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor, groups: Tensor) -> None:
+        """Add a batch: predictions ``(N,)``/``(N, C)``, binary ``target`` ``(N,)``, ``groups`` ``(N, A)`` codes."""
+        positive = positive_probability(preds, self.positive_class)
+        if preds.dim() == 2 and preds.shape[1] > 1:
+            decisions = (preds.argmax(1) == self.positive_class).long()
+        else:
+            decisions = (positive >= self.threshold).long()
+        cells = intersectional_cells(groups.to(self.device), self.num_values)
+        target = torch.as_tensor(target, device=self.device).reshape(-1)
+        if target.shape[0] != cells.shape[0] or positive.shape[0] != cells.shape[0]:
+            raise XAIConfigurationError(
+                f"IntersectionalFairness.update: preds ({positive.shape[0]}), target ({target.shape[0]}) and groups "
+                f"({cells.shape[0]}) must have one row per example."
+            )
+        if preds.dim() == 2 and preds.shape[1] > 2:
+            target = (target == self.positive_class).long()
+        self.confusion += cell_confusion_counts(decisions.to(self.device), target, cells, self.num_cells)
+        self.positive_sum += torch.zeros_like(self.positive_sum).index_add_(
+            0, cells, positive.to(self.device, torch.float64)
+        )
+
+    def compute(self) -> dict[str, Tensor]:
+        """The gaps, the dependence estimates and the per-cell rates (see the class docstring)."""
+        confusion = self.confusion
+        counted = confusion.sum(1) >= max(self.min_cell_count, 1)
+        report = fairness_report(torch.where(counted[:, None], confusion, torch.zeros_like(confusion)))
+        full = fairness_report(confusion)
+        counts = confusion.sum(1).to(torch.float64)
+        soft = torch.stack([counts - self.positive_sum, self.positive_sum], 1)
+        decided = torch.stack([confusion[:, 0] + confusion[:, 2], confusion[:, 1] + confusion[:, 3]], 1).double()
+        values = {key: report[key] for key in SUMMARY_KEYS if key in report}
+        values["mi"] = dependence_from_statistics(soft[None], counts[None], min_cell_count=self.min_cell_count)
+        values["mi_decision"] = dependence_from_statistics(
+            decided[None], counts[None], min_cell_count=self.min_cell_count
+        )
+        for cell, name in enumerate(self.cell_names):
+            for key in CELL_KEYS:
+                values[f"cell/{name}/{key}"] = full[key][cell]
+        return values
