@@ -60,6 +60,9 @@ class MutualInformationRegularizer(LossTerm):
         conditional_on_target: condition on the true class (batch key ``target``).
         min_cell_count: cells with fewer (running) examples are left out of the estimate.
         momentum: weight of the past in the running cell statistics; 0 uses the batch alone.
+        temperature: the logits are divided by it before the softmax. Below 1 the soft predictions approach
+            the decisions, so the term equalizes decision rates rather than mean probabilities (a model can
+            match mean probabilities across cells while its decision rates still differ).
         groups_key: batch key of an ``(N, A)`` tensor of codes, used when the attributes have no keys of their own.
         output_layer: dotted name of the submodule whose output are the logits; ``None``: the module itself
             (``self(x)`` in ``training_step``).
@@ -83,6 +86,7 @@ class MutualInformationRegularizer(LossTerm):
         conditional_on_target: bool = False,
         min_cell_count: float = 1.0,
         momentum: float = 0.0,
+        temperature: float = 1.0,
         groups_key: str = "groups",
         output_layer: str | None = None,
         schedule: Schedule = "constant",
@@ -104,6 +108,9 @@ class MutualInformationRegularizer(LossTerm):
         self.conditional_on_target = conditional_on_target
         self.min_cell_count = float(min_cell_count)
         self.momentum = float(momentum)
+        if not temperature > 0 or not math.isfinite(temperature):
+            raise XAIConfigurationError(f"{where}: temperature must be a finite number > 0, got {temperature}.")
+        self.temperature = float(temperature)
         self.groups_key = groups_key
         self.output_layer = output_layer
         self.running_sums: Tensor | None = None
@@ -141,7 +148,7 @@ class MutualInformationRegularizer(LossTerm):
                 "there are no predictions to regularize. Call self(x) on the batch in training_step, or set "
                 "output_layer= to the submodule that produces the logits."
             )
-        probs = as_probabilities(logits.float())
+        probs = as_probabilities(logits.float() / self.temperature)
         cells = intersectional_cells(groups.to(probs.device), self.num_values, self.attributes)
         target = None
         if self.conditional_on_target:

@@ -244,3 +244,49 @@ def test_stratified_sampler_lowers_the_estimate_of_an_independent_model():
         mutual_information_penalty(probs[b], groups[b], [2, 3]).item() for b in torch.randperm(n, generator=g).split(32)
     ]
     assert sum(stratified) / len(stratified) < sum(random) / len(random)
+
+
+def test_hugging_face_model_output_is_read_through_output_layer():
+    transformers = pytest.importorskip("transformers")
+    import pytorch_lightning as pl
+
+    from lightning_xai import XAIMixin
+
+    class BertClassifier(XAIMixin, pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            config = transformers.BertConfig(
+                vocab_size=30,
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+                max_position_embeddings=16,
+                num_labels=2,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            )
+            torch.manual_seed(0)
+            self.bert = transformers.BertForSequenceClassification(config)
+
+        def training_step(self, batch, batch_idx):
+            # the module's own forward is not used: the ModelOutput of the submodule holds the logits
+            return self.bert(input_ids=batch["input_ids"], labels=batch["target"]).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(0)
+    n = 16
+    data = {
+        "input_ids": torch.randint(0, 30, (n, 6), generator=g),
+        "target": torch.randint(0, 2, (n,), generator=g),
+        "sex": torch.randint(0, 2, (n,), generator=g),
+    }
+    model = BertClassifier()
+    with torch.no_grad():
+        logits = model.bert(input_ids=data["input_ids"]).logits
+    expected = mutual_information_penalty(logits.softmax(1), data["sex"], [2])
+    regularizer = MutualInformationRegularizer(["sex"], [2], weight=1.0, output_layer="bert")
+    trainer(max_steps=1, callbacks=[regularizer]).fit(model, loader(DictDataset(**data), n))
+    assert regularizer.last_value == pytest.approx(expected.item(), rel=1e-4)
