@@ -155,3 +155,5 @@ def test_yaml_trains_and_logs_its_terms(yaml_path: Path, monkeypatch: pytest.Mon
     for callback in cli.trainer.callbacks:
         if type(callback).__name__ == "FairnessMetrics":
             assert torch.isfinite(metrics[f"{callback.prefix}/dp_diff"])
+        if type(callback).__name__ == "ConceptEffect":
+            assert 0.0 <= metrics[f"concept/{callback.name}/probe_accuracy"] <= 1.0

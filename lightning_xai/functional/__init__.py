@@ -5,6 +5,16 @@ here.
 """
 
 from lightning_xai.functional._masks import broadcast_mask
+from lightning_xai.functional.concepts import (
+    EffectEstimate,
+    ate_ground_truth,
+    conexp,
+    gradient_reversal,
+    linear_probe_accuracy,
+    pool,
+    prediction_distance,
+    treate,
+)
 from lightning_xai.functional.contextual_decomposition import Decomposition
 from lightning_xai.functional.fairness import (
     as_probabilities,
@@ -41,6 +51,14 @@ from lightning_xai.functional.sanity import randomize_top_layers, rank_correlati
 
 __all__ = [
     "Decomposition",
+    "EffectEstimate",
+    "ate_ground_truth",
+    "conexp",
+    "gradient_reversal",
+    "linear_probe_accuracy",
+    "pool",
+    "prediction_distance",
+    "treate",
     "as_probabilities",
     "cell_confusion_counts",
     "cell_statistics",

@@ -99,3 +99,27 @@ def test_ddp_fairness_metrics_equal_single_process():
     assert values[1].keys() == values[2].keys() and len(values[1]) > 40
     for key, value in values[1].items():
         assert values[2][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_ddp_concept_heads_without_find_unused_parameters_equal_single_process():
+    from lightning_xai.callbacks import AdversarialConceptHead, ControlConceptHead
+    from tests.callbacks.test_concept_heads import SGDEncoder, planted
+
+    data = planted(16)
+    results = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):  # ddp_spawn: find_unused_parameters=False
+        torch.manual_seed(0)
+        model = SGDEncoder()
+        heads = [
+            AdversarialConceptHead("encoder", "gender", 2, reversal=0.5, schedule="constant"),
+            ControlConceptHead("encoder", "control", 2),
+        ]
+        run = trainer(max_steps=1, devices=devices, strategy=strategy, use_distributed_sampler=True, callbacks=heads)
+        for head in heads:  # the same initial heads in both runs (setup keeps existing heads)
+            torch.manual_seed(1)
+            head.setup(run, model, "fit")
+        run.fit(model, loader(DictDataset(**data), 16 // devices))
+        results[devices] = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert any(name.startswith("xai_concept_heads.gender_adversary") for name in results[2])
+    for name, value in results[1].items():
+        torch.testing.assert_close(results[2][name], value, atol=1e-5, rtol=1e-4, msg=name)

@@ -1,0 +1,285 @@
+"""Shared machinery of the concept-head callbacks: a head on a named layer's output, trained through XAIMixin."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_utilities.core.rank_zero import rank_zero_info
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lightning_xai.callbacks._loss_term import LossTerm, Schedule
+from lightning_xai.errors import XAIConfigurationError
+from lightning_xai.functional.concepts import Pooling, gradient_reversal, pool
+from lightning_xai.mixin import StepContext, XAIMixin
+
+HEADS_ATTRIBUTE = "xai_concept_heads"
+Selector = int | str | None
+
+
+def select_features(output: Any, selector: Selector, where: str) -> Tensor:
+    """The feature tensor in a layer's output: ``selector`` picks a tuple index or an attribute/key; ``None``
+    takes a tensor as is, a Hugging Face ``ModelOutput``'s ``last_hidden_state``, or a tuple's first element."""
+    if isinstance(selector, int):
+        value = output[selector]
+    elif isinstance(selector, str):
+        value = output[selector] if isinstance(output, Mapping) else getattr(output, selector, None)
+    elif isinstance(output, Tensor):
+        value = output
+    elif getattr(output, "last_hidden_state", None) is not None:
+        value = output.last_hidden_state
+    elif isinstance(output, (tuple, list)) and output:
+        value = output[0]
+    else:
+        value = None
+    if not isinstance(value, Tensor):
+        raise XAIConfigurationError(
+            f"{where}: the layer returned {type(output).__name__} and selector={selector!r} picks no tensor from it; "
+            "set selector= to the tuple index or attribute that holds the features."
+        )
+    return value
+
+
+def infer_width(pl_module: nn.Module, layer: nn.Module) -> int | None:
+    """The feature width of ``layer``'s output when the module says it (Linear, Embedding, RNN, HF config)."""
+    # a container's output width is that of its last module that states one (Sequential(..., Linear))
+    for module in reversed(list(layer.modules())):
+        for attribute in ("out_features", "embedding_dim", "hidden_size", "out_channels"):
+            value = getattr(module, attribute, None)
+            if isinstance(value, int):
+                if isinstance(module, nn.RNNBase) and module.bidirectional:
+                    return 2 * value
+                return value
+    for module in (layer, pl_module, *pl_module.modules()):
+        config = getattr(module, "config", None)
+        if config is not None and isinstance(getattr(config, "hidden_size", None), int):
+            return int(config.hidden_size)
+    return None
+
+
+class ConceptHead(LossTerm):
+    """A classifier of a concept on the output of a named layer, created as a submodule of the LightningModule.
+
+    Subclasses set ``reverse`` (gradient reversal into the layer below). See
+    :class:`~lightning_xai.callbacks.AdversarialConceptHead` and :class:`~lightning_xai.callbacks.ControlConceptHead`.
+    """
+
+    reverse: bool = False
+
+    def __init__(
+        self,
+        layer: str,
+        concept_key: str,
+        num_classes: int,
+        weight: float = 1.0,
+        schedule: Schedule = "constant",
+        warmup_steps: int = 0,
+        pooling: Pooling = "mean",
+        hidden: int | None = None,
+        in_features: int | None = None,
+        selector: int | str | None = None,
+        attention_mask_key: str = "attention_mask",
+        name: str | None = None,
+    ) -> None:
+        super().__init__(weight=weight, schedule=schedule, warmup_steps=warmup_steps, name=name)
+        if num_classes < 2:
+            raise XAIConfigurationError(f"{type(self).__name__}: num_classes must be >= 2, got {num_classes}.")
+        if pooling not in ("mean", "cls", "none"):
+            raise XAIConfigurationError(
+                f"{type(self).__name__}: pooling must be 'mean', 'cls' or 'none', got {pooling!r}."
+            )
+        self.layer = layer
+        self.concept_key = concept_key
+        self.num_classes = int(num_classes)
+        self.pooling: Pooling = pooling
+        self.hidden = hidden
+        self.in_features = in_features
+        self.selector = selector
+        self.attention_mask_key = attention_mask_key
+        self.correct = 0
+        self.counted = 0
+
+    def default_name(self) -> str:
+        return f"{self.concept_key}_{'adversary' if self.reverse else 'control'}"
+
+    @property
+    def _where(self) -> str:
+        return f"{type(self).__name__}(layer={self.layer!r}, concept_key={self.concept_key!r})"
+
+    def head(self, pl_module: nn.Module) -> nn.Module:
+        heads = getattr(pl_module, HEADS_ATTRIBUTE, None)
+        if heads is None or self.term_name not in heads:
+            raise XAIConfigurationError(f"{self._where}: the head was not created; the callback's setup did not run.")
+        return heads[self.term_name]
+
+    def _layer(self, pl_module: nn.Module) -> nn.Module:
+        try:
+            return pl_module.get_submodule(self.layer)
+        except AttributeError:
+            names = [n for n, _ in pl_module.named_modules() if n]
+            raise XAIConfigurationError(
+                f"{self._where}: {type(pl_module).__name__} has no submodule {self.layer!r}; its submodules include "
+                f"{names[:25]}{' ...' if len(names) > 25 else ''}."
+            ) from None
+
+    # ----------------------------------------------------------------- Lightning hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        layer = self._layer(pl_module)
+        width = self.in_features or infer_width(pl_module, layer)
+        if width is None:
+            raise XAIConfigurationError(
+                f"{self._where}: cannot tell the width of {type(layer).__name__}'s output; pass in_features=."
+            )
+        heads = getattr(pl_module, HEADS_ATTRIBUTE, None)
+        if heads is None:
+            heads = nn.ModuleDict()
+            pl_module.add_module(HEADS_ATTRIBUTE, heads)
+        existing = heads[self.term_name] if self.term_name in heads else None
+        if existing is not None and getattr(existing, "_xai_shape", None) == (width, self.hidden, self.num_classes):
+            return  # idempotent across fit / validate / a second fit
+        if self.hidden:
+            head: nn.Module = nn.Sequential(
+                nn.Linear(width, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.num_classes)
+            )
+        else:
+            head = nn.Linear(width, self.num_classes)
+        head._xai_shape = (width, self.hidden, self.num_classes)  # type: ignore[assignment]
+        reference = next(pl_module.parameters(), None)
+        if reference is not None:
+            head.to(device=reference.device)
+        heads[self.term_name] = head
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        parameters = list(self.head(pl_module).parameters())
+        optimizers = trainer.optimizers
+        if not optimizers:
+            return
+        known = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+        missing = [p for p in parameters if id(p) not in known]
+        if missing:
+            optimizers[0].add_param_group({"params": missing})
+            rank_zero_info(
+                f"{self._where}: the optimizer did not hold the head's parameters (configure_optimizers ran on a "
+                "parameter list made before setup); they were added as a parameter group with its defaults."
+            )
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.correct = 0
+        self.counted = 0
+
+    # ----------------------------------------------------------------- the term
+
+    def prepare_step(self, pl_module: XAIMixin, context: StepContext) -> Callable[[], None] | None:
+        key = f"concept_head/{self.term_name}"
+
+        def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+            if key not in context.cache:
+                context.cache[key] = output
+
+        return self._layer(pl_module).register_forward_hook(hook).remove  # type: ignore[arg-type]
+
+    def reversal_coefficient(self) -> float:
+        return 1.0
+
+    def compute_term(self, pl_module: XAIMixin, context: StepContext) -> Tensor:
+        output = context.cache.get(f"concept_head/{self.term_name}")
+        if output is None:
+            raise XAIConfigurationError(
+                f"{self._where}: layer {self.layer!r} did not run during training_step; name a layer of the forward "
+                "pass that training_step calls."
+            )
+        features = select_features(output, self.selector, self._where)
+        labels = torch.as_tensor(context.get(self.concept_key, self._where), device=features.device).long()
+        mask = context.data.get(self.attention_mask_key)
+        features = pool(features, self.pooling, mask if isinstance(mask, Tensor) else None)
+        head = self.head(pl_module)  # type: ignore[arg-type]
+        confusion = self.reverse and getattr(self, "objective", "reversal") == "confusion"
+        if self.reverse and not confusion:
+            features = gradient_reversal(features, self.reversal_coefficient())
+        logits = head(features.detach().float() if confusion else features.float())
+        logits, labels = logits.reshape(-1, self.num_classes), labels.reshape(-1)
+        if logits.shape[0] != labels.shape[0]:
+            raise XAIConfigurationError(
+                f"{self._where}: batch[{self.concept_key!r}] holds {labels.shape[0]} labels for {logits.shape[0]} "
+                f"head outputs (pooling={self.pooling!r}); give one label per example, or per token with "
+                "pooling='none' (-100 for tokens without a label)."
+            )
+        labelled = labels != -100
+        if not bool(labelled.any()):
+            return logits.sum() * 0.0  # keeps the head in the graph, so DDP sees its gradients
+        loss = F.cross_entropy(logits[labelled], labels[labelled])
+        if confusion:
+            # the encoder is pushed towards features on which the (frozen) head predicts uniformly
+            frozen = {name: p.detach() for name, p in head.named_parameters()}
+            encoder_logits = torch.func.functional_call(head, frozen, (features.float(),)).reshape(-1, self.num_classes)
+            uniform = torch.full_like(encoder_logits[labelled], 1.0 / self.num_classes)
+            loss = loss + self.reversal_coefficient() * F.cross_entropy(encoder_logits[labelled], uniform)
+        with torch.no_grad():
+            self.correct += int((logits[labelled].argmax(1) == labels[labelled]).sum())
+            self.counted += int(labelled.sum())
+            accuracy = (logits[labelled].argmax(1) == labels[labelled]).float().mean()
+        log = pl_module.log  # type: ignore[attr-defined]
+        log(
+            f"concept/{self.term_name}/accuracy",
+            accuracy,
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=int(labelled.sum()),
+        )
+        log(
+            f"concept/{self.term_name}/loss",
+            loss.detach(),
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=int(labelled.sum()),
+        )
+        return loss
+
+    @property
+    def epoch_accuracy(self) -> float:
+        return self.correct / self.counted if self.counted else math.nan
+
+
+def strip_concept_heads(checkpoint: dict[str, Any] | str, output_path: str | None = None) -> dict[str, Any]:
+    """Remove the concept heads from a Lightning checkpoint (or a plain ``state_dict``), for the bare model.
+
+    The heads live under ``xai_concept_heads.`` in the LightningModule's ``state_dict``. A module built without
+    the callbacks loads the result with ``strict=True``; alternatively keep the heads in the file and load with
+    ``LightningModule.load_from_checkpoint(path, strict=False)`` (or ``strict_loading = False`` on the module).
+
+    Args:
+        checkpoint: a checkpoint dict (with ``"state_dict"``), a ``state_dict``, or the path of a checkpoint file.
+        output_path: where to save the stripped checkpoint (``torch.save``); ``None`` only returns it.
+
+    Returns:
+        The checkpoint without the head parameters (the input dict is not modified).
+
+    Examples:
+        >>> state = {"state_dict": {"net.weight": 1, "xai_concept_heads.gender_adversary.weight": 2}}
+        >>> strip_concept_heads(state)["state_dict"]
+        {'net.weight': 1}
+    """
+    if isinstance(checkpoint, str):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert isinstance(checkpoint, dict)
+    prefix = f"{HEADS_ATTRIBUTE}."
+
+    def strip(state: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in state.items() if not k.startswith(prefix) and f".{prefix}" not in k}
+
+    stripped = dict(checkpoint)
+    if "state_dict" in stripped:
+        stripped["state_dict"] = strip(stripped["state_dict"])
+    else:
+        stripped = strip(stripped)
+    if output_path is not None:
+        torch.save(stripped, output_path)
+    return stripped

@@ -1,0 +1,100 @@
+"""AdversarialConceptHead: makes a layer forget a concept through a gradient-reversed classifier head."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytorch_lightning as pl
+
+from lightning_xai.callbacks._concept_head import ConceptHead
+from lightning_xai.callbacks._loss_term import Schedule, schedule_factor
+from lightning_xai.errors import XAIConfigurationError
+from lightning_xai.functional.concepts import Pooling
+
+
+class AdversarialConceptHead(ConceptHead):
+    """A classifier of the treated concept on a named layer, trained through gradient reversal (DANN, CausaLM).
+
+    The head (a linear layer, or an MLP with ``hidden`` units) is created in ``setup`` as a submodule of the
+    LightningModule (under ``xai_concept_heads``), so your optimizer and DDP see it. Each training step, a forward
+    hook reads the layer's output (tensors, tuples and Hugging Face ``ModelOutput`` s; ``selector`` picks
+    another element), pools it (``"mean"`` over tokens with the batch's ``attention_mask``, ``"cls"``, or
+    ``"none"`` for token-level concepts with ``-100`` on unlabelled tokens) and the head predicts
+    ``batch[concept_key]``. The head minimizes its cross-entropy with weight ``weight``; the layers below get
+    the reversed gradient, scaled by ``reversal`` times the schedule (default ``"dann"``:
+    ``2 / (1 + exp(-10 p)) - 1`` over training progress ``p``), and learn to hide the concept.
+
+    Logged per epoch: ``concept/<name>/accuracy`` and ``concept/<name>/loss`` of the head (an adversary at
+    chance is not proof of forgetting: :class:`~lightning_xai.callbacks.ConceptEffect` trains a fresh probe).
+
+    Args:
+        layer: dotted name of the submodule whose output is the representation (``"encoder.layer.5"``).
+        concept_key: batch key of the concept labels (``(N,)``, or ``(N, T)`` with ``pooling="none"``).
+        num_classes: number of concept classes.
+        weight: weight of the head's loss.
+        reversal: strength of the reversed gradient at full schedule.
+        schedule: schedule of the reversal strength: ``"dann"``, ``"linear_warmup"`` or ``"constant"``.
+        warmup_steps: steps of the linear warm-up.
+        pooling: ``"mean"``, ``"cls"`` or ``"none"``.
+        hidden: hidden units of an MLP head; ``None`` for a linear head.
+        in_features: the layer's output width, when it cannot be read from the module.
+        selector: tuple index or attribute of the layer output holding the features.
+        attention_mask_key: batch key of the attention mask used by mean pooling.
+        name: log name and state key; default ``"<concept_key>_adversary"``.
+
+    Examples:
+        >>> head = AdversarialConceptHead(layer="encoder.layer.1", concept_key="gender", num_classes=2)
+        >>> head.term_name, head.schedule
+        ('gender_adversary', 'dann')
+    """
+
+    reverse = True
+
+    def __init__(
+        self,
+        layer: str,
+        concept_key: str,
+        num_classes: int,
+        weight: float = 1.0,
+        reversal: float = 1.0,
+        schedule: Schedule = "dann",
+        warmup_steps: int = 0,
+        pooling: Pooling = "mean",
+        hidden: int | None = None,
+        in_features: int | None = None,
+        selector: int | str | None = None,
+        attention_mask_key: str = "attention_mask",
+        objective: Literal["reversal", "confusion"] = "reversal",
+        name: str | None = None,
+    ) -> None:
+        super().__init__(
+            layer=layer,
+            concept_key=concept_key,
+            num_classes=num_classes,
+            weight=weight,
+            schedule=schedule,
+            warmup_steps=warmup_steps,
+            pooling=pooling,
+            hidden=hidden,
+            in_features=in_features,
+            selector=selector,
+            attention_mask_key=attention_mask_key,
+            name=name,
+        )
+        if objective not in ("reversal", "confusion"):
+            raise XAIConfigurationError(f"objective must be 'reversal' or 'confusion', got {objective!r}.")
+        self.objective = objective
+        self.reversal = float(reversal)
+        self._reversal_now = 0.0
+
+    def current_weight(self, trainer: pl.Trainer) -> float:
+        # the head always learns at full weight; the schedule ramps up what the encoder is told to unlearn
+        factor = schedule_factor(
+            self.schedule, trainer.global_step, trainer.estimated_stepping_batches, self.warmup_steps
+        )
+        self._reversal_now = self.reversal * factor
+        self.last_weight = self.weight
+        return self.weight
+
+    def reversal_coefficient(self) -> float:
+        return self._reversal_now

@@ -1,0 +1,263 @@
+"""ConceptEffect: per-epoch concept-probe accuracy and TReATE / ATE_gt / CONEXP estimates of a concept's effect."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor, nn
+
+from lightning_xai.callbacks._concept_head import select_features
+from lightning_xai.callbacks._fairness_common import logits_of
+from lightning_xai.errors import XAIConfigurationError
+from lightning_xai.functional.concepts import (
+    Distance,
+    EffectEstimate,
+    Pooling,
+    ate_ground_truth,
+    conexp,
+    linear_probe_accuracy,
+    pool,
+    treate,
+)
+from lightning_xai.mixin import XAIMixin
+
+
+def _probabilities(logits: Tensor) -> Tensor:
+    logits = logits.float()
+    if logits.dim() == 1 or (logits.dim() == 2 and logits.shape[1] == 1):
+        positive = torch.sigmoid(logits.reshape(-1))
+        return torch.stack([1 - positive, positive], 1)
+    return logits.softmax(-1)
+
+
+class ConceptEffect(Callback):
+    """Measures, every validation epoch, how decodable a concept still is and how much it moves predictions.
+
+    During validation a forward hook reads ``layer``'s output (pooled as the concept heads pool it), the
+    batch's ``concept_key`` labels and the module's predictions. At the end of the epoch the callback logs,
+    under ``concept/<name>/``:
+
+    * ``probe_accuracy`` and ``probe_majority``: held-out accuracy of a **fresh** logistic-regression probe
+      trained on the frozen representation, next to the majority-class rate (an adversarial head at chance
+      can leave the concept decodable; the fresh probe is the honest number);
+    * with ``reference_model``: ``treate``, ``mean_x d(p_ref(x), p(x))`` (CausaLM's TReATE when the module is
+      the classifier on the counterfactual encoder and ``reference_model`` the one on the original encoder);
+    * with ``counterfactual_key`` in the batch: ``ate_gt``, ``mean_x d(p(x), p(x_cf))`` of the explained model
+      (``reference_model`` if given, else the module);
+    * ``conexp``: ``d(E[p | C=1], E[p | C=0])`` of the explained model, the observational baseline (binary
+      concepts);
+    * the bounds of each estimate's normal-approximation ``confidence`` interval as ``<estimate>_low`` /
+      ``<estimate>_high``.
+
+    Under DDP the collected rows are gathered from all ranks before estimating, so every rank logs the
+    global values. The sanity check is skipped.
+
+    Args:
+        layer: dotted name of the submodule whose output is the representation to probe.
+        concept_key: batch key of the concept labels ``(N,)`` (or ``(N, T)`` with ``pooling="none"``).
+        reference_model: the model whose effect is estimated against this one (called on the batch input).
+        counterfactual_key: batch key of counterfactual inputs (the concept changed, all else equal).
+        distance: ``"tv"`` (total variation), ``"class"`` (``|delta p|`` of ``class_index``) or ``"l2"``.
+        class_index: the class of the ``"class"`` distance.
+        confidence: level of the intervals.
+        pooling: ``"mean"``, ``"cls"`` or ``"none"``.
+        selector: tuple index or attribute of the layer output holding the features.
+        attention_mask_key: batch key of the attention mask for mean pooling.
+        max_probe_rows: the probe uses at most this many (first) rows.
+        probe_seed: seed of the probe's train/held-out split.
+        name: log name; default ``concept_key``.
+
+    Examples:
+        >>> callback = ConceptEffect(layer="encoder", concept_key="gender")
+        >>> callback.state_key
+        "ConceptEffect{'name': 'gender'}"
+    """
+
+    def __init__(
+        self,
+        layer: str,
+        concept_key: str,
+        reference_model: nn.Module | None = None,
+        counterfactual_key: str = "counterfactual_input",
+        distance: Distance = "tv",
+        class_index: int = 1,
+        confidence: float = 0.95,
+        pooling: Pooling = "mean",
+        selector: int | str | None = None,
+        attention_mask_key: str = "attention_mask",
+        max_probe_rows: int = 20000,
+        probe_seed: int = 0,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        if distance not in ("tv", "class", "l2"):
+            raise XAIConfigurationError(f"ConceptEffect: distance must be 'tv', 'class' or 'l2', got {distance!r}.")
+        self.layer = layer
+        self.concept_key = concept_key
+        self.reference_model = reference_model
+        self.counterfactual_key = counterfactual_key
+        self.distance: Distance = distance
+        self.class_index = class_index
+        self.confidence = confidence
+        self.pooling: Pooling = pooling
+        self.selector = selector
+        self.attention_mask_key = attention_mask_key
+        self.max_probe_rows = max_probe_rows
+        self.probe_seed = probe_seed
+        self.name = name or concept_key
+        self.last_values: dict[str, float] = {}
+        self._rows: dict[str, list[Tensor]] = {}
+        self._store: dict[str, Any] = {}
+        self._remove: list[Callable[[], None]] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        try:
+            pl_module.get_submodule(self.layer)
+        except AttributeError:
+            raise XAIConfigurationError(
+                f"ConceptEffect: {type(pl_module).__name__} has no submodule {self.layer!r}."
+            ) from None
+        if self.reference_model is not None:
+            self.reference_model.to(pl_module.device).eval()
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._rows = {key: [] for key in ("features", "concept", "probs", "reference", "reference_cf", "self_cf")}
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if trainer.sanity_checking:
+            return
+        store: dict[str, Any] = {}
+        self._store = store
+        data = pl_module.xai_batch(batch) if isinstance(pl_module, XAIMixin) else batch
+        store["data"] = data
+        inputs = data.get("input") if isinstance(data, Mapping) else None
+        rows = inputs.shape[0] if isinstance(inputs, Tensor) else None
+
+        def layer_hook(_m: nn.Module, _a: tuple[Any, ...], output: Any) -> None:
+            store.setdefault("layer", output)
+
+        def root_hook(_m: nn.Module, _a: tuple[Any, ...], output: Any) -> None:
+            logits = logits_of(output)
+            if "logits" not in store and logits is not None and (rows is None or logits.shape[0] == rows):
+                store["logits"] = logits
+
+        self._remove = [
+            pl_module.get_submodule(self.layer).register_forward_hook(layer_hook).remove,
+            pl_module.register_forward_hook(root_hook).remove,
+        ]
+
+    def _forward(self, model: nn.Module, inputs: Tensor) -> Tensor:
+        with torch.no_grad():
+            output = model.xai_forward(inputs) if isinstance(model, XAIMixin) else model(inputs)
+        logits = logits_of(output)
+        if logits is None:
+            raise XAIConfigurationError(f"ConceptEffect: {type(model).__name__} returned no logits.")
+        return logits
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        for remove in self._remove:
+            remove()
+        self._remove = []
+        if trainer.sanity_checking or "data" not in self._store:
+            return
+        store, data = self._store, self._store["data"]
+        if self.concept_key not in data:
+            raise XAIConfigurationError(
+                f"ConceptEffect needs the batch key {self.concept_key!r}, but the batch has {sorted(data)}."
+            )
+        inputs = data.get("input")
+        if "layer" not in store or "logits" not in store:
+            # the validation step did not call the module on the batch: run it once, with the layer hooked
+            if not isinstance(inputs, Tensor):
+                raise XAIConfigurationError("ConceptEffect: the batch has no tensor 'input' to run the model on.")
+            captured: dict[str, Any] = {}
+            handle = pl_module.get_submodule(self.layer).register_forward_hook(
+                lambda _m, _a, out: captured.setdefault("layer", out)
+            )
+            try:
+                logits = self._forward(pl_module, inputs)
+            finally:
+                handle.remove()
+            store.setdefault("logits", logits)
+            store.setdefault("layer", captured.get("layer"))
+        features = select_features(store["layer"], self.selector, "ConceptEffect")
+        mask = data.get(self.attention_mask_key)
+        features = pool(features.detach().float(), self.pooling, mask if isinstance(mask, Tensor) else None)
+        concept = torch.as_tensor(data[self.concept_key], device=features.device).long()
+        rows = self._rows
+        rows["features"].append(features.reshape(-1, features.shape[-1]))
+        rows["concept"].append(concept.reshape(-1))
+        probs = _probabilities(store["logits"].detach())
+        rows["probs"].append(probs)
+        counterfactual = data.get(self.counterfactual_key)
+        if self.reference_model is not None and isinstance(inputs, Tensor):
+            rows["reference"].append(_probabilities(self._forward(self.reference_model, inputs)))
+            if isinstance(counterfactual, Tensor):
+                rows["reference_cf"].append(_probabilities(self._forward(self.reference_model, counterfactual)))
+        elif isinstance(counterfactual, Tensor):
+            rows["self_cf"].append(_probabilities(self._forward(pl_module, counterfactual)))
+        self._store = {}
+
+    def _gathered(self, pl_module: pl.LightningModule, key: str) -> Tensor | None:
+        parts = self._rows.get(key) or []
+        trainer = pl_module.trainer
+        local = torch.cat(parts) if parts else None
+        if trainer.world_size == 1:
+            return local
+        # ranks may hold different row counts: gather the counts, pad to the largest, gather, unpad
+        width = None if local is None else local.shape[1:]
+        count = torch.tensor([0 if local is None else local.shape[0]], device=pl_module.device)
+        counts = pl_module.all_gather(count).reshape(-1)
+        if int(counts.max()) == 0:
+            return None
+        if local is None or width is None:
+            raise XAIConfigurationError(f"ConceptEffect: rank {trainer.global_rank} collected no {key} rows.")
+        padded = torch.zeros((int(counts.max()), *width), dtype=local.dtype, device=pl_module.device)
+        padded[: local.shape[0]] = local.to(pl_module.device)
+        gathered = pl_module.all_gather(padded)
+        return torch.cat([gathered[rank, : int(n)] for rank, n in enumerate(counts.tolist())])
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self._rows.get("features"):
+            return
+        features = self._gathered(pl_module, "features")
+        concept = self._gathered(pl_module, "concept")
+        probs = self._gathered(pl_module, "probs")
+        reference = self._gathered(pl_module, "reference")
+        values: dict[str, float] = {}
+        limit = self.max_probe_rows
+        accuracy, majority = linear_probe_accuracy(features[:limit].cpu(), concept[:limit].cpu(), seed=self.probe_seed)
+        values["probe_accuracy"], values["probe_majority"] = accuracy, majority
+        estimates: dict[str, EffectEstimate] = {}
+        explained = reference if reference is not None else probs
+        kwargs = {"distance": self.distance, "class_index": self.class_index, "confidence": self.confidence}
+        if reference is not None:
+            estimates["treate"] = treate(reference.cpu(), probs.cpu(), **kwargs)
+        counterfactual = self._gathered(pl_module, "reference_cf" if reference is not None else "self_cf")
+        if counterfactual is not None:
+            estimates["ate_gt"] = ate_ground_truth(explained.cpu(), counterfactual.cpu(), **kwargs)
+        if self.pooling != "none" and concept.unique().numel() == 2:
+            estimates["conexp"] = conexp(explained.cpu(), (concept == concept.max()).cpu(), **kwargs)
+        for key, estimate in estimates.items():
+            values[key], values[f"{key}_low"], values[f"{key}_high"] = estimate.value, estimate.low, estimate.high
+        for key, value in values.items():
+            pl_module.log(f"concept/{self.name}/{key}", float(value), on_epoch=True, sync_dist=False)
+        self.last_values = values
