@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/penalty_overhead.py
 	$(PY) benchmarks/attribution_metrics_cost.py
 	$(PY) benchmarks/metrics_speed.py
+	$(PY) benchmarks/fairness_overhead.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

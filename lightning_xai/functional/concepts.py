@@ -53,7 +53,8 @@ def gradient_reversal(x: Tensor, lambda_: float = 1.0) -> Tensor:
 def pool(hidden: Tensor, pooling: Pooling = "mean", attention_mask: Tensor | None = None) -> Tensor:
     """Sequence features ``(N, T, D)`` to ``(N, D)``: masked mean, the first (CLS) token, or ``"none"`` (as is).
 
-    ``(N, D)`` features pass through unchanged.
+    ``(N, D)`` features pass through unchanged; ``(N, C, H, W)`` feature maps are averaged over space by
+    ``"mean"``.
 
     Examples:
         >>> import torch
@@ -65,6 +66,8 @@ def pool(hidden: Tensor, pooling: Pooling = "mean", attention_mask: Tensor | Non
         raise XAIConfigurationError(f"pooling must be 'mean', 'cls' or 'none', got {pooling!r}.")
     if hidden.dim() == 2 or pooling == "none":
         return hidden
+    if hidden.dim() >= 4 and pooling == "mean":  # (N, C, H, W) feature maps: global average over space
+        return hidden.flatten(2).mean(2)
     if hidden.dim() != 3:
         raise XAIConfigurationError(f"pool: expected (N, T, D) or (N, D) features, got shape {tuple(hidden.shape)}.")
     if pooling == "cls":

@@ -34,6 +34,8 @@ def test_pooling_modes():
     torch.testing.assert_close(pool(hidden, "mean", mask), torch.stack([hidden[0, 0], hidden[1].mean(0)]))
     torch.testing.assert_close(pool(hidden, "cls"), hidden[:, 0])
     assert pool(hidden, "none") is hidden
+    maps = torch.randn(2, 5, 3, 3)
+    torch.testing.assert_close(pool(maps, "mean"), maps.mean((2, 3)))
 
 
 def test_distances_on_hand_computed_probabilities():
