@@ -16,22 +16,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from rich.console import Console
 from rich.table import Table
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adult_fairness import IncomeMLP  # noqa: E402
 from color_digits import ColorCNN  # noqa: E402
+from penalty_overhead import _median_step  # noqa: E402  (the same timing path as the penalties)
 
 from lightning_xai.callbacks import (  # noqa: E402
     AdversarialConceptHead,
@@ -46,34 +44,6 @@ warnings.filterwarnings("ignore")
 class DemoCNN(ColorCNN):
     def training_step(self, batch, batch_idx):
         return F.cross_entropy(self(batch["input"]), batch["target"])
-
-
-class _StepTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.durations: list[float] = []
-
-    def on_train_batch_start(self, *args) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, *args) -> None:
-        self.durations.append(time.perf_counter() - self._start)
-
-
-def _median_step(model_factory, batch, callbacks, steps: int) -> float:
-    torch.manual_seed(0)
-    timer = _StepTimer()
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer, *callbacks],
-    )
-    trainer.fit(model_factory(), DataLoader([batch] * steps, batch_size=None))
-    return statistics.median(timer.durations[3:])
 
 
 def main() -> None:
