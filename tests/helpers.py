@@ -141,3 +141,22 @@ def token_decoy_data(n: int = 64, length: int = 8, vocab: int = 40, seed: int = 
 
 def loader(dataset, batch_size: int, shuffle: bool = False, collate_fn=None):
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_fn)
+
+
+def tiny_bert_config(**overrides):
+    """A random-weight BERT small enough for CPU tests (no hub download); dropout off for exact comparisons."""
+    import transformers
+
+    settings = dict(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    settings.update(overrides)
+    return transformers.BertConfig(**settings)

@@ -12,6 +12,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_xai.callbacks._fairness_common import named_submodule
 from lightning_xai.callbacks._loss_term import LossTerm, Schedule
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional.concepts import Pooling, gradient_reversal, pool
@@ -117,14 +118,7 @@ class ConceptHead(LossTerm):
         return heads[self.term_name]
 
     def _layer(self, pl_module: nn.Module) -> nn.Module:
-        try:
-            return pl_module.get_submodule(self.layer)
-        except AttributeError:
-            names = [n for n, _ in pl_module.named_modules() if n]
-            raise XAIConfigurationError(
-                f"{self._where}: {type(pl_module).__name__} has no submodule {self.layer!r}; its submodules include "
-                f"{names[:25]}{' ...' if len(names) > 25 else ''}."
-            ) from None
+        return named_submodule(pl_module, self.layer, self._where)
 
     # ----------------------------------------------------------------- Lightning hooks
 

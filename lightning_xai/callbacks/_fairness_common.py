@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai.errors import GroupValueError, MissingBatchKeyError, XAIConfigurationError
+from lightning_xai.mixin import XAIMixin
 
 
 def check_attributes(attributes: Sequence[str], num_values: Sequence[int], where: str) -> None:
@@ -88,17 +89,33 @@ def logits_of(output: Any) -> Tensor | None:
     return None
 
 
-def output_module(pl_module: nn.Module, output_layer: str | None, where: str) -> nn.Module:
-    if output_layer is None:
-        return pl_module
+def named_submodule(pl_module: nn.Module, name: str, where: str) -> nn.Module:
+    """``pl_module.get_submodule(name)``, or an error that lists the submodules there are."""
     try:
-        return pl_module.get_submodule(output_layer)
+        return pl_module.get_submodule(name)
     except AttributeError:
-        names = [name for name, _ in pl_module.named_modules() if name]
+        names = [n for n, _ in pl_module.named_modules() if n]
         raise XAIConfigurationError(
-            f"{where}: {type(pl_module).__name__} has no submodule {output_layer!r}; its submodules are "
-            f"{names[:20]}{' ...' if len(names) > 20 else ''}. Name the module whose output are the logits."
+            f"{where}: {type(pl_module).__name__} has no submodule {name!r}; its submodules include "
+            f"{names[:25]}{' ...' if len(names) > 25 else ''}."
         ) from None
+
+
+def output_module(pl_module: nn.Module, output_layer: str | None, where: str) -> nn.Module:
+    """The module whose output are the logits: ``output_layer``, or the LightningModule itself."""
+    return pl_module if output_layer is None else named_submodule(pl_module, output_layer, where)
+
+
+def forward_logits(model: nn.Module, inputs: Tensor, where: str) -> Tensor:
+    """Logits of ``model`` on ``inputs`` without gradients: ``xai_forward`` for an XAIMixin, else ``model(inputs)``."""
+    with torch.no_grad():
+        output = model.xai_forward(inputs) if isinstance(model, XAIMixin) else model(inputs)
+    logits = logits_of(output)
+    if logits is None:
+        raise XAIConfigurationError(
+            f"{where}: {type(model).__name__} returned {type(output).__name__}, not logits; override xai_forward()."
+        )
+    return logits
 
 
 def capture_outputs(module: nn.Module, batch_size: Callable[[], int | None], store: dict[str, Any], key: str):

@@ -11,7 +11,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 
 from lightning_xai.callbacks._concept_head import select_features
-from lightning_xai.callbacks._fairness_common import logits_of
+from lightning_xai.callbacks._fairness_common import forward_logits, logits_of, named_submodule
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional.concepts import (
     Distance,
@@ -119,12 +119,7 @@ class ConceptEffect(Callback):
         return self._generate_state_key(name=self.name)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        try:
-            pl_module.get_submodule(self.layer)
-        except AttributeError:
-            raise XAIConfigurationError(
-                f"ConceptEffect: {type(pl_module).__name__} has no submodule {self.layer!r}."
-            ) from None
+        named_submodule(pl_module, self.layer, "ConceptEffect")
         if self.reference_model is not None:
             self.reference_model.to(pl_module.device).eval()
 
@@ -157,12 +152,7 @@ class ConceptEffect(Callback):
         ]
 
     def _forward(self, model: nn.Module, inputs: Tensor) -> Tensor:
-        with torch.no_grad():
-            output = model.xai_forward(inputs) if isinstance(model, XAIMixin) else model(inputs)
-        logits = logits_of(output)
-        if logits is None:
-            raise XAIConfigurationError(f"ConceptEffect: {type(model).__name__} returned no logits.")
-        return logits
+        return forward_logits(model, inputs, "ConceptEffect")
 
     def on_validation_batch_end(
         self,

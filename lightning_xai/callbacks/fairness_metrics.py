@@ -16,7 +16,7 @@ from lightning_xai.callbacks._fairness_common import (
     capture_outputs,
     cell_names,
     check_attributes,
-    logits_of,
+    forward_logits,
     output_module,
     read_groups,
 )
@@ -234,14 +234,7 @@ class FairnessMetrics(Callback):
         return inputs
 
     def _forward(self, pl_module: pl.LightningModule, inputs: Tensor) -> Tensor:
-        with torch.no_grad():
-            output = pl_module.xai_forward(inputs) if isinstance(pl_module, XAIMixin) else pl_module(inputs)
-        logits = logits_of(output)
-        if logits is None:
-            raise XAIConfigurationError(
-                f"FairnessMetrics: the model returned {type(output).__name__}, not logits; override xai_forward()."
-            )
-        return logits
+        return forward_logits(pl_module, inputs, "FairnessMetrics")
 
     def _decisions(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         probability = positive_probability(logits, self.positive_class)

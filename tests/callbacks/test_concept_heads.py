@@ -14,7 +14,7 @@ from lightning_xai import XAIMixin
 from lightning_xai.callbacks import AdversarialConceptHead, ConceptEffect, ControlConceptHead, strip_concept_heads
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional import linear_probe_accuracy
-from tests.helpers import DictDataset, loader, trainer
+from tests.helpers import DictDataset, loader, tiny_bert_config, trainer
 
 
 def planted(n: int = 1200, seed: int = 0):
@@ -187,17 +187,7 @@ def test_hugging_face_encoder_layer_and_strip_heads_for_a_bare_model(tmp_path):
     class Bert(XAIMixin, pl.LightningModule):
         def __init__(self):
             super().__init__()
-            config = transformers.BertConfig(
-                vocab_size=30,
-                hidden_size=16,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=32,
-                max_position_embeddings=16,
-                num_labels=2,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-            )
+            config = tiny_bert_config(num_hidden_layers=2)
             torch.manual_seed(0)
             self.bert = transformers.BertForSequenceClassification(config)
 

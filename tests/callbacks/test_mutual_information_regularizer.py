@@ -12,7 +12,7 @@ from lightning_xai.callbacks import MutualInformationRegularizer
 from lightning_xai.errors import GroupValueError, MissingBatchKeyError, XAIConfigurationError
 from lightning_xai.functional import mutual_information_penalty
 from lightning_xai.samplers import StratifiedBatchSampler
-from tests.helpers import MLP, DictDataset, loader, trainer
+from tests.helpers import MLP, DictDataset, loader, tiny_bert_config, trainer
 
 
 def planted(n: int = 2000, seed: int = 0):
@@ -255,17 +255,7 @@ def test_hugging_face_model_output_is_read_through_output_layer():
     class BertClassifier(XAIMixin, pl.LightningModule):
         def __init__(self):
             super().__init__()
-            config = transformers.BertConfig(
-                vocab_size=30,
-                hidden_size=16,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                intermediate_size=32,
-                max_position_embeddings=16,
-                num_labels=2,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-            )
+            config = tiny_bert_config()
             torch.manual_seed(0)
             self.bert = transformers.BertForSequenceClassification(config)
 

@@ -11,7 +11,7 @@ from lightning_xai import XAIMixin
 from lightning_xai.callbacks import ExplanationPenalty
 from lightning_xai.errors import UnsupportedLayerError, XAIConfigurationError
 from lightning_xai.functional import input_x_gradient_penalty, rrr_penalty
-from tests.helpers import loader, token_decoy_data, trainer
+from tests.helpers import loader, tiny_bert_config, token_decoy_data, trainer
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,17 +19,7 @@ transformers = pytest.importorskip("transformers")
 class BertClassifier(XAIMixin, pl.LightningModule):
     def __init__(self, attention="eager"):
         super().__init__()
-        config = transformers.BertConfig(
-            vocab_size=40,
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=16,
-            num_labels=2,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
+        config = tiny_bert_config(vocab_size=40)
         config._attn_implementation = attention  # SDPA kernels on CPU have no double backward
         torch.manual_seed(0)
         self.bert = transformers.BertForSequenceClassification(config)
