@@ -16,7 +16,7 @@ A classifier that cannot see gender predicts the gender-marginal ``(p(x_f) + p(x
 distance to ``p_O(x)`` is exactly ``ATE_gt / 2`` for a balanced binary concept. TReATE therefore tracks
 ``ATE_gt / 2`` when the removal works; the table prints both.
 
-    python examples/causalm.py [--bias 0.0 0.2 0.4] [--objective decorrelation] [--model-path DIR]
+    python examples/causalm.py [--bias 0.0 0.2 0.4] [--objective decorrelation]
 """
 
 from __future__ import annotations
@@ -51,22 +51,19 @@ ENCODER_LAYER = "mlm.bert.encoder"
 class MaskedLM(XAIMixin, pl.LightningModule):
     """A BERT masked language model; the concept heads read ``mlm.bert.encoder``'s last hidden state."""
 
-    def __init__(self, vocab_size: int, model_path: str | None = None, lr: float = 1e-3) -> None:
+    def __init__(self, vocab_size: int, lr: float = 1e-3) -> None:
         super().__init__()
-        if model_path:
-            self.mlm = transformers.AutoModelForMaskedLM.from_pretrained(model_path)
-        else:
-            config = transformers.BertConfig(
-                vocab_size=vocab_size,
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=128,
-                max_position_embeddings=32,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-            )
-            self.mlm = transformers.BertForMaskedLM(config)
+        config = transformers.BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=32,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        self.mlm = transformers.BertForMaskedLM(config)
         self.lr = lr
         self.mask_id = SPECIAL_TOKENS.index("[MASK]")
 
@@ -138,7 +135,6 @@ def main() -> None:
     )
     parser.add_argument("--objective", choices=["reversal", "confusion", "decorrelation"], default="decorrelation")
     parser.add_argument("--reversal", type=float, default=10.0)
-    parser.add_argument("--model-path", type=str, default=None, help="a local pretrained BERT-style MLM (optional)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     console = Console(width=160)
@@ -148,7 +144,7 @@ def main() -> None:
     test = EmotionTemplates(args.size // 2, bias=0.0, confounding=args.confounding, seed=args.seed + 1)
     vocab = len(EmotionTemplates.vocabulary)
 
-    original = MaskedLM(vocab, args.model_path)
+    original = MaskedLM(vocab)
     seconds = fit(original, train, args.mlm_epochs, args.batch_size)
     console.print(f"stage 1: BERT-O, MLM from scratch ({seconds:.0f} s)")
     counterfactual = copy.deepcopy(original)
