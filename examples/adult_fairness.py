@@ -8,7 +8,7 @@ MI and the causal flip test on the held-out split every epoch (CSV and TensorBoa
 accuracy, demographic-parity difference, equalized-odds difference and MI per weight, and draws the
 accuracy / fairness trade-off as a PNG.
 
-    python examples/adult_fairness.py --data PATH/TO/adult.csv [--weights 0 1 2 4 8] [--seeds 3] [--epochs 20]
+    python examples/adult_fairness.py --data PATH/TO/adult.csv [--weights 0 1 2 3 3.5 4 8] [--seeds 3] [--epochs 20]
 
 The split (70/30, stratified by cell and label) is fixed by ``--split-seed``; ``--seeds`` model seeds are
 trained per weight and the table reports their mean (± standard deviation).
@@ -211,7 +211,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="the UCI Adult CSV (with a header row)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/adult_fairness"))
-    parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 4.0, 8.0])
+    parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 3.5, 4.0, 8.0])
     parser.add_argument("--seeds", type=int, default=3, help="model seeds per weight")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=512)
