@@ -212,7 +212,18 @@ class ConceptHead(LossTerm):
         if objective == "decorrelation":
             # zero cross-covariance between features and concept is linear guardedness (Belrose et al. 2023):
             # no linear probe can then beat the majority class
-            loss = loss + self.reversal_coefficient() * self._decorrelation(features, labels, labelled)
+            condition_key = getattr(self, "condition_key", None)
+            condition = None
+            if condition_key is not None:
+                condition = torch.as_tensor(context.get(condition_key, self._where), device=features.device)
+                condition = condition.long().reshape(-1)
+                if condition.shape[0] != labels.shape[0]:
+                    raise XAIConfigurationError(
+                        f"{self._where}: batch[{condition_key!r}] holds {condition.shape[0]} values for "
+                        f"{labels.shape[0]} concept labels; give one per labelled row."
+                    )
+                condition = condition[labelled]
+            loss = loss + self.reversal_coefficient() * self._decorrelation(features, labels, labelled, condition)
         elif confusion:
             # the encoder is pushed towards features on which the (frozen) head predicts uniformly
             frozen = {name: p.detach() for name, p in head.named_parameters()}
@@ -242,23 +253,40 @@ class ConceptHead(LossTerm):
         )
         return loss
 
-    def _decorrelation(self, features: Tensor, labels: Tensor, labelled: Tensor) -> Tensor:
+    def _decorrelation(
+        self, features: Tensor, labels: Tensor, labelled: Tensor, condition: Tensor | None = None
+    ) -> Tensor:
         """Sum of squared feature-concept covariances over the feature variances, on this batch.
 
         Zero cross-covariance between the features and the concept is linear guardedness (Belrose et al.,
-        LEACE, 2023): no linear probe then does better than a constant. The batch covariance is noisy, so
-        this works with large batches (tests: 1,200 rows reach chance; 100-row batches leave the probe at 0.94).
+        LEACE, 2023): no linear probe then does better than a constant. With ``condition`` (a control concept
+        correlated with the treated one) the covariance is zeroed within each of its strata, so that the
+        features may keep what the control concept explains. The batch covariance is noisy: this works with
+        large batches (tests: 1,200 rows reach chance; 100-row batches leave the probe at 0.94).
         """
         flat = features.float().reshape(-1, features.shape[-1])[labelled]
         onehot = F.one_hot(labels[labelled], self.num_classes).float()
-        centred = flat - flat.mean(0)
-        covariance = centred.T @ (onehot - onehot.mean(0)) / max(flat.shape[0] - 1, 1)
-        variance = centred.pow(2).mean(0).detach().clamp_min(1e-6)
-        return (covariance.pow(2) / variance[:, None]).sum()
+        if condition is None:
+            return _normalized_covariance(flat, onehot)
+        # each stratum separately: pooled within-strata covariances could cancel between strata
+        total = flat.new_zeros(())
+        for value in torch.unique(condition).tolist():
+            rows = condition == value
+            if int(rows.sum()) > 1:
+                total = total + rows.float().mean() * _normalized_covariance(flat[rows], onehot[rows])
+        return total
 
     @property
     def epoch_accuracy(self) -> float:
         return self.correct / self.counted if self.counted else math.nan
+
+
+def _normalized_covariance(features: Tensor, onehot: Tensor) -> Tensor:
+    """``sum_{d,k} Cov(z_d, y_k)^2 / Var(z_d)``: zero exactly when no feature correlates linearly with the concept."""
+    centred = features - features.mean(0)
+    covariance = centred.T @ (onehot - onehot.mean(0)) / max(features.shape[0] - 1, 1)
+    variance = centred.pow(2).mean(0).detach().clamp_min(1e-6)
+    return (covariance.pow(2) / variance[:, None]).sum()
 
 
 def strip_concept_heads(checkpoint: dict[str, Any] | str, output_path: str | None = None) -> dict[str, Any]:

@@ -52,6 +52,9 @@ class AdversarialConceptHead(ConceptHead):
             ``"confusion"`` bring the head to chance while a fresh linear probe still decodes the concept
             (0.88-0.98); ``"decorrelation"`` brings the probe to chance when the batch is large enough to
             estimate the covariance.
+        condition_key: with ``"decorrelation"``, a batch key of a control concept (e.g. the mood) that is
+            correlated with the treated one: covariances are taken within its strata, so the encoder may keep
+            what the control concept explains while forgetting the rest of the treated concept.
         name: log name and state key; default ``"<concept_key>_adversary"``.
 
     Examples:
@@ -77,6 +80,7 @@ class AdversarialConceptHead(ConceptHead):
         selector: int | str | None = None,
         attention_mask_key: str = "attention_mask",
         objective: Literal["reversal", "confusion", "decorrelation"] = "reversal",
+        condition_key: str | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__(
@@ -98,6 +102,11 @@ class AdversarialConceptHead(ConceptHead):
                 f"objective must be 'reversal', 'confusion' or 'decorrelation', got {objective!r}."
             )
         self.objective = objective
+        if condition_key is not None and objective != "decorrelation":
+            raise XAIConfigurationError(
+                f"condition_key={condition_key!r} applies to objective='decorrelation' only, got {objective!r}."
+            )
+        self.condition_key = condition_key
         self.reversal = float(reversal)
         self._reversal_now = 0.0
 
