@@ -123,7 +123,7 @@ def probabilities(classifier: nn.Module, features: torch.Tensor) -> torch.Tensor
     return classifier(classifier.normalize(features)).softmax(1)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bias", type=float, nargs="+", default=[0.0, 0.2, 0.4])
     parser.add_argument("--confounding", type=float, default=0.3)
@@ -144,8 +144,14 @@ def main() -> None:
         help="decorrelate gender within mood strata (the mood is confounded with gender)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    """Runs the three stages, prints the table and returns the measured values (per bias level and probes)."""
+    args = parse_args(argv)
     console = Console(width=160)
+    results: dict[str, object] = {"bias": {}}
     pl.seed_everything(args.seed, verbose=False)
 
     train = EmotionTemplates(args.size, bias=0.0, confounding=args.confounding, seed=args.seed)
@@ -231,6 +237,13 @@ def main() -> None:
         ate = ate_ground_truth(p_o, p_o_cf)
         estimate = treate(p_o, p_cf)
         observational = conexp(p_o, test.genders)
+        results["bias"][bias] = {  # type: ignore[index]
+            "ate_gt": ate.value,
+            "treate": estimate.value,
+            "conexp": observational.value,
+            "accuracy_o": accuracy["O"],
+            "accuracy_cf": accuracy["CF"],
+        }
         table.add_row(
             f"{bias:g}",
             f"{accuracy['O']:.3f}",
@@ -255,6 +268,10 @@ def main() -> None:
             f"fresh gender probe on BERT-{name}: {accuracy:.3f} (majority {majority:.3f}, from the mood alone "
             f"{mood_floor:.3f}); is_name probe {controls[name]:.3f}"
         )
+        results[f"probe_{name}"] = accuracy
+        results[f"is_name_probe_{name}"] = controls[name]
+    results["probe_majority"], results["probe_mood_floor"] = probes["CF"][1], mood_floor
+    return results
 
 
 if __name__ == "__main__":
