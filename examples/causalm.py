@@ -12,7 +12,8 @@ Stage 2 trains the same mood classifier on each frozen encoder, for every label-
 * CONEXP = d(E[p_O | female], E[p_O | male]), the observational difference that confounding fools;
 
 and the accuracy of a fresh linear probe for gender on each encoder, against the majority rate and against
-the best guess from the mood alone.
+the best guess from the mood alone. With the ``concept-erasure`` package, LEACE (Belrose et al. 2023) erases
+gender from BERT-O's features in closed form, as a cheap counterfactual-representation baseline.
 
 A classifier that cannot see gender at all would predict the gender-marginal ``(p(x_f) + p(x_m)) / 2``, at a
 total-variation distance of ``ATE_gt / 2`` from ``p_O(x)`` for a balanced binary concept. The table prints that
@@ -143,6 +144,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="decorrelate gender within mood strata (the mood is confounded with gender)",
     )
+    parser.add_argument(
+        "--leace",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also compare LEACE concept erasure on BERT-O's features (needs the concept-erasure package)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -150,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, object]:
     """Runs the three stages, prints the table and returns the measured values (per bias level and probes)."""
     args = parse_args(argv)
-    console = Console(width=160)
+    console = Console(width=190)
     results: dict[str, object] = {"bias": {}}
     pl.seed_everything(args.seed, verbose=False)
 
@@ -191,17 +198,26 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         name: encoder.features(test.counterfactual_inputs, (test.counterfactual_inputs != 0).long())
         for name, encoder in encoders.items()
     }
+    names = list(encoders)
+    if args.leace:
+        # the closed-form baseline: LEACE erases gender linearly from BERT-O's features (Belrose et al. 2023)
+        from concept_erasure import LeaceEraser
+
+        eraser = LeaceEraser.fit(features[("O", "train")], train.genders)
+        for split in ("train", "test"):
+            features[("LEACE", split)] = eraser(features[("O", split)])
+        names.append("LEACE")
     probes = {
         name: linear_probe_accuracy(
             torch.cat([features[(name, "train")], features[(name, "test")]]), torch.cat([train.genders, test.genders])
         )
-        for name in encoders
+        for name in names
     }
     controls = {
         name: linear_probe_accuracy(
             torch.cat([features[(name, "train")], features[(name, "test")]]), torch.cat([train.is_name, test.is_name])
         )[0]
-        for name in encoders
+        for name in names
     }
 
     table = Table(title="CausaLM on EmotionTemplates: the effect of gender on a 5-mood classifier (total variation)")
@@ -212,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "ATE_gt",
         "TReATE",
         "|TReATE - ATE_gt|",
+        *(["TReATE (LEACE)"] if args.leace else []),
         "ATE_gt / 2",
         "CONEXP",
         "|CONEXP - ATE_gt|",
@@ -222,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         labelled_test = EmotionTemplates(args.size // 2, bias=bias, confounding=args.confounding, seed=args.seed + 1)
         classifiers = {
             name: train_classifier(features[(name, "train")], labelled_train.targets, args.task_epochs, args.seed)
-            for name in encoders
+            for name in names
         }
         p_o = probabilities(classifiers["O"], features[("O", "test")])
         p_o_cf = probabilities(classifiers["O"], cf_features["O"])
@@ -232,14 +249,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             .float()
             .mean()
             .item()
-            for name in encoders
+            for name in names
         }
         ate = ate_ground_truth(p_o, p_o_cf)
         estimate = treate(p_o, p_cf)
         observational = conexp(p_o, test.genders)
+        leace = treate(p_o, probabilities(classifiers["LEACE"], features[("LEACE", "test")])) if args.leace else None
         results["bias"][bias] = {  # type: ignore[index]
             "ate_gt": ate.value,
             "treate": estimate.value,
+            **({"treate_leace": leace.value} if leace is not None else {}),
             "conexp": observational.value,
             "accuracy_o": accuracy["O"],
             "accuracy_cf": accuracy["CF"],
@@ -251,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             f"{ate.value:.3f} [{ate.low:.3f}, {ate.high:.3f}]",
             f"{estimate.value:.3f} [{estimate.low:.3f}, {estimate.high:.3f}]",
             f"{abs(estimate.value - ate.value):.3f}",
+            *([f"{leace.value:.3f}"] if leace is not None else []),
             f"{ate.value / 2:.3f}",
             f"{observational.value:.3f}",
             f"{abs(observational.value - ate.value):.3f}",
@@ -262,10 +282,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     counts = torch.zeros(len(MOODS), 2)
     counts.index_put_((both_moods, both_genders), torch.ones(both_moods.shape[0]), accumulate=True)
     mood_floor = (counts.max(1).values.sum() / counts.sum()).item()
-    for name in encoders:
+    for name in names:
         accuracy, majority = probes[name]
+        label = f"BERT-{name}" if name in encoders else f"BERT-O + {name}"
         console.print(
-            f"fresh gender probe on BERT-{name}: {accuracy:.3f} (majority {majority:.3f}, from the mood alone "
+            f"fresh gender probe on {label}: {accuracy:.3f} (majority {majority:.3f}, from the mood alone "
             f"{mood_floor:.3f}); is_name probe {controls[name]:.3f}"
         )
         results[f"probe_{name}"] = accuracy

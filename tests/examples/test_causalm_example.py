@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("transformers")
+pytest.importorskip("concept_erasure")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import causalm  # noqa: E402
 
@@ -40,3 +41,5 @@ def test_causalm_pipeline_small_run():
     # BERT-CF keeps the control concept and loses gender compared with BERT-O
     assert results["is_name_probe_CF"] > 0.9
     assert results["probe_CF"] < results["probe_O"]
+    # LEACE erases gender linearly from BERT-O in closed form: a fresh probe finds the majority rate
+    assert results["probe_LEACE"] < results["probe_majority"] + 0.03
