@@ -130,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--confounding", type=float, default=0.3)
     parser.add_argument("--size", type=int, default=4000)
     parser.add_argument("--mlm-epochs", type=int, default=15)
-    parser.add_argument("--cf-epochs", type=int, default=60)
+    parser.add_argument("--cf-epochs", type=int, default=120)
     parser.add_argument("--task-epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument(
