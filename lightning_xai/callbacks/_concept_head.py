@@ -65,11 +65,12 @@ def infer_width(pl_module: nn.Module, layer: nn.Module) -> int | None:
 class ConceptHead(LossTerm):
     """A classifier of a concept on the output of a named layer, created as a submodule of the LightningModule.
 
-    Subclasses set ``reverse`` (gradient reversal into the layer below). See
+    Subclasses set ``objective`` (what the layer below is pushed towards; ``"none"`` for an ordinary head). See
     :class:`~lightning_xai.callbacks.AdversarialConceptHead` and :class:`~lightning_xai.callbacks.ControlConceptHead`.
     """
 
-    reverse: bool = False
+    objective: str = "none"
+    condition_key: str | None = None
 
     def __init__(
         self,
@@ -105,7 +106,7 @@ class ConceptHead(LossTerm):
         self.counted = 0
 
     def default_name(self) -> str:
-        return f"{self.concept_key}_{'adversary' if self.reverse else 'control'}"
+        return f"{self.concept_key}_{'control' if self.objective == 'none' else 'adversary'}"
 
     @property
     def _where(self) -> str:
@@ -193,7 +194,7 @@ class ConceptHead(LossTerm):
         mask = context.data.get(self.attention_mask_key)
         features = pool(features, self.pooling, mask if isinstance(mask, Tensor) else None)
         head = self.head(pl_module)  # type: ignore[arg-type]
-        objective = getattr(self, "objective", "reversal") if self.reverse else "none"
+        objective = self.objective
         confusion = objective in ("confusion", "decorrelation")
         if objective == "reversal":
             features = gradient_reversal(features, self.reversal_coefficient())
@@ -212,7 +213,7 @@ class ConceptHead(LossTerm):
         if objective == "decorrelation":
             # zero cross-covariance between features and concept is linear guardedness (Belrose et al. 2023):
             # no linear probe can then beat the majority class
-            condition_key = getattr(self, "condition_key", None)
+            condition_key = self.condition_key
             condition = None
             if condition_key is not None:
                 condition = torch.as_tensor(context.get(condition_key, self._where), device=features.device)

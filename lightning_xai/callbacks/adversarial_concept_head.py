@@ -63,8 +63,6 @@ class AdversarialConceptHead(ConceptHead):
         ('gender_adversary', 'dann')
     """
 
-    reverse = True
-
     def __init__(
         self,
         layer: str,

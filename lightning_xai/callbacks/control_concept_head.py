@@ -18,5 +18,3 @@ class ControlConceptHead(ConceptHead):
         >>> head.term_name, head.weight
         ('is_name_control', 0.5)
     """
-
-    reverse = False
