@@ -75,6 +75,20 @@ def read_groups(data: Mapping[str, Any], attributes: Sequence[str], groups_key: 
     )
 
 
+def batch_view(pl_module: nn.Module, batch: Any, where: str) -> Mapping[str, Any]:
+    """The batch contract's mapping: ``xai_batch`` for an XAIMixin; dicts and ``(x, y[, extras])`` otherwise."""
+    if isinstance(pl_module, XAIMixin):
+        return pl_module.xai_batch(batch)
+    if isinstance(batch, Mapping):
+        return batch
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        extras = batch[2] if len(batch) > 2 and isinstance(batch[2], Mapping) else {}
+        return {"input": batch[0], "target": batch[1], **extras}
+    raise XAIConfigurationError(
+        f"{where} cannot read a {type(batch).__name__} batch; subclass XAIMixin and override xai_batch()."
+    )
+
+
 def logits_of(output: Any) -> Tensor | None:
     """The logits in a module output: a tensor, a Hugging Face ``ModelOutput`` (``.logits``), a tuple's first."""
     if isinstance(output, Tensor):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -11,7 +11,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 
 from lightning_xai.callbacks._concept_head import select_features
-from lightning_xai.callbacks._fairness_common import forward_logits, logits_of, named_submodule
+from lightning_xai.callbacks._fairness_common import batch_view, forward_logits, logits_of, named_submodule
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional.concepts import (
     Distance,
@@ -23,15 +23,7 @@ from lightning_xai.functional.concepts import (
     pool,
     treate,
 )
-from lightning_xai.mixin import XAIMixin
-
-
-def _probabilities(logits: Tensor) -> Tensor:
-    logits = logits.float()
-    if logits.dim() == 1 or (logits.dim() == 2 and logits.shape[1] == 1):
-        positive = torch.sigmoid(logits.reshape(-1))
-        return torch.stack([1 - positive, positive], 1)
-    return logits.softmax(-1)
+from lightning_xai.functional.fairness import as_probabilities
 
 
 class ConceptEffect(Callback):
@@ -133,9 +125,9 @@ class ConceptEffect(Callback):
             return
         store: dict[str, Any] = {}
         self._store = store
-        data = pl_module.xai_batch(batch) if isinstance(pl_module, XAIMixin) else batch
+        data = batch_view(pl_module, batch, "ConceptEffect")
         store["data"] = data
-        inputs = data.get("input") if isinstance(data, Mapping) else None
+        inputs = data.get("input")
         rows = inputs.shape[0] if isinstance(inputs, Tensor) else None
 
         def layer_hook(_m: nn.Module, _a: tuple[Any, ...], output: Any) -> None:
@@ -195,15 +187,15 @@ class ConceptEffect(Callback):
         rows = self._rows
         rows["features"].append(features.reshape(-1, features.shape[-1]))
         rows["concept"].append(concept.reshape(-1))
-        probs = _probabilities(store["logits"].detach())
+        probs = as_probabilities(store["logits"].detach())
         rows["probs"].append(probs)
         counterfactual = data.get(self.counterfactual_key)
         if self.reference_model is not None and isinstance(inputs, Tensor):
-            rows["reference"].append(_probabilities(self._forward(self.reference_model, inputs)))
+            rows["reference"].append(as_probabilities(self._forward(self.reference_model, inputs)))
             if isinstance(counterfactual, Tensor):
-                rows["reference_cf"].append(_probabilities(self._forward(self.reference_model, counterfactual)))
+                rows["reference_cf"].append(as_probabilities(self._forward(self.reference_model, counterfactual)))
         elif isinstance(counterfactual, Tensor):
-            rows["self_cf"].append(_probabilities(self._forward(pl_module, counterfactual)))
+            rows["self_cf"].append(as_probabilities(self._forward(pl_module, counterfactual)))
         self._store = {}
 
     def _gathered(self, pl_module: pl.LightningModule, key: str) -> Tensor | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from lightning_xai.callbacks._fairness_common import (
+    batch_view,
     capture_outputs,
     cell_names,
     check_attributes,
@@ -25,7 +26,6 @@ from lightning_xai.functional.fairness import intersectional_cells
 from lightning_xai.loggers import log_image
 from lightning_xai.metrics.counterfactual_flip import CounterfactualFlip
 from lightning_xai.metrics.intersectional_fairness import CELL_KEYS, IntersectionalFairness, positive_probability
-from lightning_xai.mixin import XAIMixin
 
 CounterfactualFn = Callable[[Tensor, str, int], Tensor]
 _CAPTURED = "fairness_metrics/outputs"
@@ -152,7 +152,7 @@ class FairnessMetrics(Callback):
     ) -> None:
         if trainer.sanity_checking:
             return
-        data = self._data(pl_module, batch)
+        data = batch_view(pl_module, batch, "FairnessMetrics")
         groups = read_groups(data, self.attributes, self.groups_key, "FairnessMetrics")
         self._store = {"groups": groups, "data": data}
         module = output_module(pl_module, self.output_layer, "FairnessMetrics")
@@ -210,19 +210,6 @@ class FairnessMetrics(Callback):
             self._log_chart(trainer)
 
     # ----------------------------------------------------------------- helpers
-
-    @staticmethod
-    def _data(pl_module: pl.LightningModule, batch: Any) -> Mapping[str, Any]:
-        if isinstance(pl_module, XAIMixin):
-            return pl_module.xai_batch(batch)
-        if isinstance(batch, Mapping):
-            return batch
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            extras = batch[2] if len(batch) > 2 and isinstance(batch[2], Mapping) else {}
-            return {"input": batch[0], "target": batch[1], **extras}
-        raise XAIConfigurationError(
-            f"FairnessMetrics cannot read a {type(batch).__name__} batch; subclass XAIMixin and override xai_batch()."
-        )
 
     @staticmethod
     def _input(inputs: Any) -> Tensor:

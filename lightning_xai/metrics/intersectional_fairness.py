@@ -143,9 +143,11 @@ class IntersectionalFairness(Metric):
     def compute(self) -> dict[str, Tensor]:
         """The gaps, the dependence estimates and the per-cell rates (see the class docstring)."""
         confusion = self.confusion
-        counted = confusion.sum(1) >= max(self.min_cell_count, 1)
-        report = fairness_report(torch.where(counted[:, None], confusion, torch.zeros_like(confusion)))
         full = fairness_report(confusion)
+        report = full
+        if self.min_cell_count > 1:  # the gaps leave small cells out; the per-cell rates keep them
+            counted = confusion.sum(1) >= self.min_cell_count
+            report = fairness_report(torch.where(counted[:, None], confusion, torch.zeros_like(confusion)))
         counts = confusion.sum(1).to(torch.float64)
         soft = torch.stack([counts - self.positive_sum, self.positive_sum], 1)
         decided = torch.stack([confusion[:, 0] + confusion[:, 2], confusion[:, 1] + confusion[:, 3]], 1).double()
