@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
+from lightning_xai.callbacks._distributed import destroy_gloo_group_at_exit
 from lightning_xai.errors import MissingMixinError, XAIConfigurationError
 from lightning_xai.mixin import StepContext, XAIMixin
 
@@ -104,6 +105,7 @@ class LossTerm(Callback):
     # ----------------------------------------------------------------- Lightning hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        destroy_gloo_group_at_exit()
         if not isinstance(pl_module, XAIMixin):
             raise MissingMixinError(
                 f"{type(self).__name__} adds a loss term, but {type(pl_module).__name__} does not subclass "

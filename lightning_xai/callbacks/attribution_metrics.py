@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_xai.attribution.methods import attribute
+from lightning_xai.callbacks._distributed import destroy_gloo_group_at_exit
 from lightning_xai.errors import MissingBatchKeyError, MissingMixinError, XAIConfigurationError
 from lightning_xai.masks import masks_from_annotations
 from lightning_xai.mixin import XAIMixin
@@ -179,6 +180,7 @@ class AttributionMetrics(Callback):
     # ------------------------------------------------------------------------------------- setup
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        destroy_gloo_group_at_exit()
         if not isinstance(pl_module, XAIMixin):
             raise MissingMixinError(
                 f"AttributionMetrics reads batches through XAIMixin, but {type(pl_module).__name__} does not "

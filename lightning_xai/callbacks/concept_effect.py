@@ -11,6 +11,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 
 from lightning_xai.callbacks._concept_head import select_features
+from lightning_xai.callbacks._distributed import destroy_gloo_group_at_exit
 from lightning_xai.callbacks._fairness_common import batch_view, forward_logits, logits_of, named_submodule
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional.concepts import (
@@ -111,6 +112,7 @@ class ConceptEffect(Callback):
         return self._generate_state_key(name=self.name)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        destroy_gloo_group_at_exit()
         named_submodule(pl_module, self.layer, "ConceptEffect")
         if self.reference_model is not None:
             self.reference_model.to(pl_module.device).eval()

@@ -12,6 +12,7 @@ from lightning_utilities.core.rank_zero import rank_zero_info
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
+from lightning_xai.callbacks._distributed import destroy_gloo_group_at_exit
 from lightning_xai.callbacks._fairness_common import (
     batch_view,
     capture_outputs,
@@ -139,6 +140,7 @@ class FairnessMetrics(Callback):
     # ----------------------------------------------------------------- Lightning hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        destroy_gloo_group_at_exit()
         output_module(pl_module, self.output_layer, "FairnessMetrics")
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -151,3 +151,25 @@ def test_ddp_concept_effect_gathers_rows_from_all_ranks():
     assert values[2]["concept/gender/probe_accuracy"] == pytest.approx(
         values[1]["concept/gender/probe_accuracy"], abs=0.1
     )
+
+
+def test_callbacks_destroy_a_gloo_group_at_exit_before_python_finalizes(tmp_path):
+    # Without it, a gloo worker thread can free a finished collective while Python finalizes and abort the
+    # process (SIGABRT after a successful ddp_spawn fit). Handlers run last-in first-out, so the probe
+    # registered before setup runs after the callback's clean-up and sees the group gone.
+    import subprocess
+    import sys
+
+    script = f"""
+import atexit
+import torch, torch.distributed as dist
+from lightning_xai.callbacks import FairnessMetrics
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized()))
+model = torch.nn.Linear(2, 2)
+FairnessMetrics(["sex"], [2]).setup(None, model, "validate")
+dist.all_reduce(torch.ones(3))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "initialized at exit: False" in result.stdout
