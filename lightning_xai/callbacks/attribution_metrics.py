@@ -295,7 +295,7 @@ class AttributionMetrics(Callback):
             pl_module.log(f"attr/{self.prefix}/{metric_name}", value.float(), on_epoch=True, sync_dist=False)
         self.epochs_computed += 1
         pictures_due = (self.epochs_computed - 1) % self.images_every_n_epochs == 0
-        if self.log_images and pictures_due and trainer.is_global_zero and pictures is not None:
+        if self.log_images and pictures_due and trainer.is_global_zero and trainer.loggers and pictures is not None:
             self._log_pictures(trainer, *pictures)
 
     def _update_metrics(self, pl_module: XAIMixin) -> tuple[Tensor, Tensor, Tensor | None] | None:

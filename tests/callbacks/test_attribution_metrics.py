@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -109,6 +110,26 @@ def test_heatmaps_reach_the_csv_logger(tmp_path):
     run.fit(ValidatingCNN(), loader(_digits(32), 16), loader(_digits(32, "val"), 16))
     pngs = list(tmp_path.rglob("*.png"))
     assert pngs and "heatmaps" in str(pngs[0])
+
+
+def test_heatmaps_are_rendered_for_the_logger_and_only_when_there_is_one(tmp_path, monkeypatch):
+    from lightning_xai import visualization
+
+    rendered = []
+    render = visualization.render_heatmaps
+
+    def counting_render(*args, **kwargs):
+        rendered.append(render(*args, **kwargs))
+        return rendered[-1]
+
+    monkeypatch.setattr(visualization, "render_heatmaps", counting_render)
+    for logger in (False, CSVLogger(tmp_path, name="images")):
+        callback = _callback(log_images=True, num_images=4, images_every_n_epochs=1)
+        run = trainer(max_epochs=2, callbacks=[callback], logger=logger)
+        run.fit(ValidatingCNN(), loader(_digits(32), 16), loader(_digits(32, "val"), 16))
+        assert callback.epochs_computed == 2 and len(rendered) == (2 if logger else 0)
+    # one 160 px column per rendered sample
+    assert rendered[0].shape[1] == 4 * 160 and rendered[0].dtype == np.uint8
 
 
 def test_clear_errors():

@@ -160,11 +160,12 @@ def test_callbacks_destroy_a_gloo_group_at_exit_before_python_finalizes(tmp_path
     import subprocess
     import sys
 
+    store = tmp_path / "store"
     script = f"""
 import atexit
 import torch, torch.distributed as dist
 from lightning_xai.callbacks import FairnessMetrics
-dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+dist.init_process_group("gloo", init_method="file://{store}", rank=0, world_size=1)
 atexit.register(lambda: print("initialized at exit:", dist.is_initialized()))
 model = torch.nn.Linear(2, 2)
 FairnessMetrics(["sex"], [2]).setup(None, model, "validate")
