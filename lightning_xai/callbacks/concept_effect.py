@@ -38,7 +38,9 @@ class ConceptEffect(Callback):
       trained on the frozen representation, next to the majority-class rate (an adversarial head at chance
       can leave the concept decodable; the fresh probe is the honest number);
     * with ``reference_model``: ``treate``, ``mean_x d(p_ref(x), p(x))`` (CausaLM's TReATE when the module is
-      the classifier on the counterfactual encoder and ``reference_model`` the one on the original encoder);
+      the classifier on the counterfactual encoder and ``reference_model`` the one on the original encoder),
+      and for binary concepts ``treate_flip``, the same rescaled to the effect of flipping the concept, the
+      scale of ``ate_gt`` (see :func:`~lightning_xai.functional.treate`);
     * with ``counterfactual_key`` in the batch: ``ate_gt``, ``mean_x d(p(x), p(x_cf))`` of the explained model
       (``reference_model`` if given, else the module);
     * ``conexp``: ``d(E[p | C=1], E[p | C=0])`` of the explained model, the observational baseline (binary
@@ -233,13 +235,20 @@ class ConceptEffect(Callback):
         estimates: dict[str, EffectEstimate] = {}
         explained = reference if reference is not None else probs
         kwargs = {"distance": self.distance, "class_index": self.class_index, "confidence": self.confidence}
+        binary = (concept == concept.max()).long().cpu() if concept.unique().numel() == 2 else None
+        if self.pooling == "none":
+            binary = None  # token-level concepts have no per-example value
         if reference is not None:
             estimates["treate"] = treate(reference.cpu(), probs.cpu(), **kwargs)
+            if binary is not None:
+                estimates["treate_flip"] = treate(
+                    reference.cpu(), probs.cpu(), concept=binary, contrast="flip", **kwargs
+                )
         counterfactual = self._gathered(pl_module, "reference_cf" if reference is not None else "self_cf")
         if counterfactual is not None:
             estimates["ate_gt"] = ate_ground_truth(explained.cpu(), counterfactual.cpu(), **kwargs)
-        if self.pooling != "none" and concept.unique().numel() == 2:
-            estimates["conexp"] = conexp(explained.cpu(), (concept == concept.max()).cpu(), **kwargs)
+        if binary is not None:
+            estimates["conexp"] = conexp(explained.cpu(), binary.bool(), **kwargs)
         for key, estimate in estimates.items():
             values[key], values[f"{key}_low"], values[f"{key}_high"] = estimate.value, estimate.low, estimate.high
         for key, value in values.items():

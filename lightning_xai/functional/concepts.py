@@ -11,6 +11,7 @@ fools.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +21,7 @@ from torch import Tensor
 from lightning_xai.errors import XAIConfigurationError
 
 Distance = Literal["class", "tv", "l2"]
+Contrast = Literal["removal", "flip"]
 Pooling = Literal["mean", "cls", "none"]
 
 
@@ -140,19 +142,88 @@ def treate(
     distance: Distance = "tv",
     class_index: int = 1,
     confidence: float = 0.95,
+    concept: Tensor | None = None,
+    contrast: Contrast = "removal",
+    prevalence: Sequence[float] | Tensor | None = None,
 ) -> EffectEstimate:
     """TReATE: mean distance between the predictions on the original and on the counterfactual representation.
 
     ``TReATE = mean_x d(p_O(x), p_CF(x))`` where ``p_O`` is the classifier on the original encoder and ``p_CF``
     the same classifier trained on the counterfactual encoder that forgot the treated concept.
 
+    The two contrasts:
+
+    * ``"removal"`` (CausaLM's TReATE): the effect of taking the concept away. A classifier that cannot see a
+      concept ``C`` predicts the prevalence-weighted mixture ``p_CF(x) = sum_c pi_c p_O(x | C=c)``, so for a
+      binary concept ``p_O(x) - p_CF(x) = (1 - pi_{c(x)}) (p_O(x) - p_O(x_cf))``: removal moves a prediction
+      only part of the way to its twin's, half of it for a balanced concept.
+    * ``"flip"``: the effect of changing the concept's value, on the scale of :func:`ate_ground_truth`. Each
+      example's distance is divided by ``1 - pi_{c(x)}``, which is exact when both classifiers are the
+      Bayes classifiers of their representations and the distance is homogeneous in ``p - q`` (all three
+      are). It needs the binary ``concept`` of every example; ``prevalence`` (the concept's value shares in
+      the classifiers' training data) defaults to the shares in ``concept``.
+
+    Args:
+        p_original: ``(N, K)`` probabilities of the classifier on the original representation (``(N,)``:
+            positive-class probabilities).
+        p_counterfactual: the same for the classifier on the counterfactual representation.
+        distance: ``"tv"``, ``"class"`` (``|delta p|`` of ``class_index``) or ``"l2"``.
+        class_index: the class of the ``"class"`` distance.
+        confidence: level of the normal-approximation interval.
+        concept: ``(N,)`` binary concept values, for ``contrast="flip"``.
+        contrast: ``"removal"`` or ``"flip"``.
+        prevalence: the shares of the concept's two values, for ``contrast="flip"``.
+
+    Raises:
+        XAIConfigurationError: ``"flip"`` without a binary ``concept``, or a value with prevalence 0 or 1 (a
+            concept that never varies has no flip effect to estimate).
+
     Examples:
         >>> import torch
         >>> estimate = treate(torch.tensor([[0.9, 0.1], [0.5, 0.5]]), torch.tensor([[0.7, 0.3], [0.5, 0.5]]))
         >>> round(estimate.value, 3), estimate.n
         (0.1, 2)
+
+        A balanced binary concept: the twins' predictions differ by 0.4, removal moves each one 0.2.
+
+        >>> p_o = torch.tensor([[0.8, 0.2], [0.4, 0.6]])  # an example and its concept-flipped twin
+        >>> p_cf = torch.tensor([[0.6, 0.4], [0.6, 0.4]])  # both see the mixture
+        >>> flipped = treate(p_o, p_cf, concept=torch.tensor([1, 0]), contrast="flip")
+        >>> round(treate(p_o, p_cf).value, 3), round(flipped.value, 3)
+        (0.2, 0.4)
     """
-    return _mean_estimate(prediction_distance(p_original, p_counterfactual, distance, class_index), confidence)
+    distances = prediction_distance(p_original, p_counterfactual, distance, class_index)
+    if contrast == "flip":
+        distances = distances / _other_value_share(concept, prevalence, distances.shape[0])
+    elif contrast != "removal":
+        raise XAIConfigurationError(f"treate: contrast must be 'removal' or 'flip', got {contrast!r}.")
+    return _mean_estimate(distances, confidence)
+
+
+def _other_value_share(concept: Tensor | None, prevalence: Sequence[float] | Tensor | None, n: int) -> Tensor:
+    """``(N,)`` share ``1 - pi_{c(x)}`` of the examples whose binary concept value differs from each example's."""
+    if concept is None:
+        raise XAIConfigurationError(
+            "treate(contrast='flip') needs the concept value of every example: pass concept=<(N,) binary tensor>."
+        )
+    concept = torch.as_tensor(concept).reshape(-1).long().cpu()
+    if concept.numel() != n or (concept.numel() and (concept.min() < 0 or concept.max() > 1)):
+        raise XAIConfigurationError(
+            f"treate(contrast='flip'): concept must hold one value in {{0, 1}} per example ({n}), got "
+            f"{concept.numel()} values in [{int(concept.min()) if concept.numel() else 0}, "
+            f"{int(concept.max()) if concept.numel() else 0}]; the flip contrast is defined for binary concepts."
+        )
+    shares = (
+        torch.bincount(concept, minlength=2).double() / max(n, 1)
+        if prevalence is None
+        else torch.as_tensor(prevalence, dtype=torch.float64).reshape(-1)
+    )
+    if shares.numel() != 2 or not bool(((shares > 0) & (shares < 1)).all()):
+        raise XAIConfigurationError(
+            f"treate(contrast='flip'): the concept's value shares are {shares.tolist()}; both values must occur "
+            "(0 < share < 1), or a flip has nothing to be estimated from."
+        )
+    return 1.0 - shares[concept]
 
 
 def ate_ground_truth(

@@ -255,6 +255,8 @@ def test_concept_effect_logs_probe_and_the_estimators_values():
         p_self = model.eval()(data["input"]).softmax(1)
     values = callback.last_values
     assert values["treate"] == pytest.approx(treate(p_ref, p_self, "class").value, rel=1e-5)
+    flip = treate(p_ref, p_self, "class", concept=data["gender"], contrast="flip")
+    assert values["treate_flip"] == pytest.approx(flip.value, rel=1e-5) and flip.value > values["treate"]
     assert values["ate_gt"] == pytest.approx(ate_ground_truth(p_ref, p_ref_cf, "class").value, rel=1e-5)
     assert values["conexp"] == pytest.approx(conexp(p_ref, data["gender"], "class").value, rel=1e-5)
     assert values["probe_accuracy"] > 0.9  # gender is linear in the untrained encoder's features

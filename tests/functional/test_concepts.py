@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional.concepts import (
     ate_ground_truth,
     conexp,
@@ -55,6 +56,39 @@ def test_treate_and_ate_are_mean_distances_with_normal_intervals():
     half = 1.959963984540054 * distances.std().item() / 2
     assert (estimate.low, estimate.high) == pytest.approx((0.075 - half, 0.075 + half))
     assert ate_ground_truth(original, counterfactual).value == pytest.approx(0.075)
+
+
+@pytest.mark.parametrize("distance", ["tv", "class", "l2"])
+def test_flip_contrast_recovers_the_ground_truth_when_the_counterfactual_classifier_sees_the_mixture(distance):
+    # Bayes classifiers: O sees the concept, CF predicts the prevalence-weighted mixture of both values
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    concept = (torch.rand(n, generator=g) < 0.3).long()  # imbalanced: removal moves C=1 rows 70 % of the way
+    p_if = [torch.softmax(torch.randn(n, 4, generator=g, dtype=torch.float64), 1) for _ in range(2)]  # p_O(x | C=0), p_O(x | C=1)
+    pi1 = concept.double().mean()
+    p_o = torch.where(concept[:, None] == 1, p_if[1], p_if[0])
+    p_twin = torch.where(concept[:, None] == 1, p_if[0], p_if[1])
+    p_cf = pi1 * p_if[1] + (1 - pi1) * p_if[0]
+    ate = ate_ground_truth(p_o, p_twin, distance)
+    flipped = treate(p_o, p_cf, distance, concept=concept, contrast="flip")
+    assert flipped.value == pytest.approx(ate.value, rel=1e-9)
+    removal = treate(p_o, p_cf, distance)
+    per_example = prediction_distance(p_o, p_twin, distance) * torch.where(concept == 1, 1 - pi1, pi1)
+    assert removal.value == pytest.approx(per_example.mean().item(), rel=1e-9) and removal.value < 0.75 * ate.value
+    given = treate(p_o, p_cf, distance, concept=concept, contrast="flip", prevalence=[0.5, 0.5])
+    assert given.value == pytest.approx(2 * removal.value, rel=1e-9)
+
+
+def test_flip_contrast_errors_name_the_concept():
+    p = torch.tensor([[0.6, 0.4], [0.3, 0.7]])
+    with pytest.raises(XAIConfigurationError, match="needs the concept"):
+        treate(p, p, contrast="flip")
+    with pytest.raises(XAIConfigurationError, match="binary"):
+        treate(p, p, concept=torch.tensor([0, 2]), contrast="flip")
+    with pytest.raises(XAIConfigurationError, match="both values must occur"):
+        treate(p, p, concept=torch.tensor([1, 1]), contrast="flip")
+    with pytest.raises(XAIConfigurationError, match="contrast"):
+        treate(p, p, contrast="swap")
 
 
 def test_conexp_is_the_difference_of_group_means():
