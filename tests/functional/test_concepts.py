@@ -64,7 +64,8 @@ def test_flip_contrast_recovers_the_ground_truth_when_the_counterfactual_classif
     g = torch.Generator().manual_seed(0)
     n = 2000
     concept = (torch.rand(n, generator=g) < 0.3).long()  # imbalanced: removal moves C=1 rows 70 % of the way
-    p_if = [torch.softmax(torch.randn(n, 4, generator=g, dtype=torch.float64), 1) for _ in range(2)]  # p_O(x | C=0), p_O(x | C=1)
+    # p_O(x | C=0) and p_O(x | C=1)
+    p_if = [torch.softmax(torch.randn(n, 4, generator=g, dtype=torch.float64), 1) for _ in range(2)]
     pi1 = concept.double().mean()
     p_o = torch.where(concept[:, None] == 1, p_if[1], p_if[0])
     p_twin = torch.where(concept[:, None] == 1, p_if[0], p_if[1])
