@@ -29,6 +29,7 @@ import copy
 import logging
 import time
 import warnings
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -48,31 +49,31 @@ from lightning_xai.functional import ate_ground_truth, conexp, linear_probe_accu
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=r".*(log_every_n_steps|does not have many workers|litlogger|LeafSpec).*")
-ENCODER_LAYER = "mlm.bert.encoder"
 
 
 class MaskedLM(XAIMixin, pl.LightningModule):
-    """A BERT masked language model; the concept heads read ``mlm.bert.encoder``'s last hidden state."""
+    """A Hugging Face masked language model; the concept heads read its encoder's last hidden state."""
 
-    def __init__(self, vocab_size: int, lr: float = 1e-3) -> None:
+    def __init__(self, mlm: transformers.PreTrainedModel, mask_id: int, special_ids: list[int], lr: float = 1e-3):
         super().__init__()
-        config = transformers.BertConfig(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=128,
-            max_position_embeddings=32,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-        self.mlm = transformers.BertForMaskedLM(config)
+        self.mlm = mlm
         self.lr = lr
-        self.mask_id = SPECIAL_TOKENS.index("[MASK]")
+        self.mask_id = mask_id
+        self.register_buffer("special_ids", torch.tensor(special_ids), persistent=False)
+
+    @property
+    def encoder_layer(self) -> str:
+        prefix = self.mlm.base_model_prefix
+        if not hasattr(self.mlm.base_model, "encoder"):
+            raise SystemExit(
+                f"{type(self.mlm).__name__} has no '{prefix}.encoder' submodule for the concept heads; this example "
+                "expects a BERT-style encoder (BERT, RoBERTa, MiniLM, ELECTRA)."
+            )
+        return f"mlm.{prefix}.encoder"
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ids, attention = batch["input"], batch["attention_mask"]
-        maskable = attention.bool() & (ids >= len(SPECIAL_TOKENS))
+        maskable = attention.bool() & ~torch.isin(ids, self.special_ids)
         chosen = maskable & (torch.rand(ids.shape, device=ids.device) < 0.15)
         labels = torch.where(chosen, ids, torch.full_like(ids, -100))
         output = self.mlm(input_ids=torch.where(chosen, self.mask_id, ids), attention_mask=attention, labels=labels)
@@ -85,8 +86,32 @@ class MaskedLM(XAIMixin, pl.LightningModule):
     @torch.no_grad()
     def features(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         self.eval()
-        hidden = self.mlm.bert(input_ids=ids, attention_mask=attention).last_hidden_state
+        hidden = self.mlm.base_model(input_ids=ids, attention_mask=attention).last_hidden_state
         return pool(hidden, "mean", attention)
+
+
+def masked_lm(model_path: Path | None, lr: float) -> tuple[MaskedLM, object | None]:
+    """A small BERT from scratch on the corpus's own vocabulary, or a pretrained encoder and its tokenizer."""
+    if model_path is None:
+        config = transformers.BertConfig(
+            vocab_size=len(EmotionTemplates.vocabulary),
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=32,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        special = [EmotionTemplates.vocabulary.index(t) for t in SPECIAL_TOKENS]
+        mask_id = SPECIAL_TOKENS.index("[MASK]")
+        return MaskedLM(transformers.BertForMaskedLM(config), mask_id, special, lr), None
+    # a local directory (save_pretrained layout): nothing is downloaded
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    mlm = transformers.AutoModelForMaskedLM.from_pretrained(model_path, local_files_only=True)
+    if tokenizer.mask_token_id is None:
+        raise SystemExit(f"{model_path}: the tokenizer has no mask token; a masked language model is needed.")
+    return MaskedLM(mlm, tokenizer.mask_token_id, list(tokenizer.all_special_ids), lr), tokenizer
 
 
 def fit(model: pl.LightningModule, data: EmotionTemplates, epochs: int, batch_size: int, callbacks=()) -> float:
@@ -178,6 +203,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="continue BERT-O with MLM + the control heads for as long as BERT-CF (without the adversary)",
     )
+    parser.add_argument(
+        "--model-path",
+        type=Path,
+        default=None,
+        help="a local pretrained masked LM and its tokenizer (save_pretrained directory), e.g. a MiniLM; "
+        "default: a small BERT trained from scratch on the corpus",
+    )
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of stage 1 (use ~3e-5 pretrained)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -189,17 +222,21 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     results: dict[str, object] = {"bias": {}}
     pl.seed_everything(args.seed, verbose=False)
 
-    train = EmotionTemplates(args.size, bias=0.0, confounding=args.confounding, seed=args.seed)
-    test = EmotionTemplates(args.size // 2, bias=0.0, confounding=args.confounding, seed=args.seed + 1)
-    vocab = len(EmotionTemplates.vocabulary)
+    original, tokenizer = masked_lm(args.model_path, args.lr)
 
-    original = MaskedLM(vocab)
+    def corpus(size: int, bias: float, seed: int) -> EmotionTemplates:
+        return EmotionTemplates(size, bias=bias, confounding=args.confounding, seed=seed, tokenizer=tokenizer)
+
+    train = corpus(args.size, 0.0, args.seed)
+    test = corpus(args.size // 2, 0.0, args.seed + 1)
+    encoder_layer = original.encoder_layer
     seconds = fit(original, train, args.mlm_epochs, args.batch_size)
-    console.print(f"stage 1: MLM from scratch ({seconds:.0f} s)")
+    start = f"{args.model_path}" if args.model_path else "from scratch"
+    console.print(f"stage 1: MLM {start} on the corpus ({seconds:.0f} s)")
     counterfactual = copy.deepcopy(original)
 
     def control_heads() -> list[ControlConceptHead]:
-        return [ControlConceptHead(ENCODER_LAYER, "is_name", 2), ControlConceptHead(ENCODER_LAYER, "mood", len(MOODS))]
+        return [ControlConceptHead(encoder_layer, "is_name", 2), ControlConceptHead(encoder_layer, "mood", len(MOODS))]
 
     if args.matched_original:
         # BERT-O goes through the same continued training as BERT-CF, minus the adversary, so that the two
@@ -208,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         seconds = fit(original, train, args.cf_epochs, args.cf_batch_size, control_heads())
         console.print(f"stage 1: BERT-O, MLM + control heads ({seconds:.0f} s)")
     adversary = AdversarialConceptHead(
-        ENCODER_LAYER,
+        encoder_layer,
         "gender",
         2,
         reversal=args.reversal,
@@ -225,13 +262,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     )
 
     encoders = {"O": original, "CF": counterfactual}
+    pad = train.pad_token_id
     features = {
-        (name, split): encoder.features(data.inputs, (data.inputs != 0).long())
+        (name, split): encoder.features(data.inputs, (data.inputs != pad).long())
         for name, encoder in encoders.items()
         for split, data in (("train", train), ("test", test))
     }
     cf_features = {
-        name: encoder.features(test.counterfactual_inputs, (test.counterfactual_inputs != 0).long())
+        name: encoder.features(test.counterfactual_inputs, (test.counterfactual_inputs != pad).long())
         for name, encoder in encoders.items()
     }
     names = list(encoders)
@@ -272,8 +310,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         table.add_column(column, justify="right")
     gender_shares = torch.bincount(train.genders, minlength=2).double() / len(train.genders)
     for bias in args.bias:
-        labelled_train = EmotionTemplates(args.size, bias=bias, confounding=args.confounding, seed=args.seed)
-        labelled_test = EmotionTemplates(args.size // 2, bias=bias, confounding=args.confounding, seed=args.seed + 1)
+        labelled_train = corpus(args.size, bias, args.seed)
+        labelled_test = corpus(args.size // 2, bias, args.seed + 1)
         classifiers = {
             name: train_classifier(
                 features[(name, "train")], labelled_train.targets, args.task_epochs, args.seed, args.classifier

@@ -12,6 +12,7 @@ The word lists are this package's own.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -101,12 +102,16 @@ class EmotionTemplates(Dataset[dict[str, Tensor]]):
     ``attention_mask``, ``target`` (label), ``mood``, ``gender`` (0 female, 1 male), ``is_name`` and
     ``counterfactual_input`` (the gender-swapped sentence, same length).
 
+    With ``tokenizer`` (a Hugging Face tokenizer, e.g. a pretrained encoder's), the sentences and their
+    counterfactuals are encoded by it instead of the corpus's own word vocabulary, padded to one length.
+
     Args:
         size: number of sentences.
         bias: probability that a sentence's label is replaced by its gender's label.
         confounding: extra probability of a joy word for female persons (and a sad word for male ones).
         seed: seed of the generator.
         max_length: padded length in tokens.
+        tokenizer: optional Hugging Face tokenizer (called on a list of texts, with ``pad_token_id``).
 
     Examples:
         >>> data = EmotionTemplates(size=4, seed=0)
@@ -120,7 +125,13 @@ class EmotionTemplates(Dataset[dict[str, Tensor]]):
     vocabulary = _vocabulary()
 
     def __init__(
-        self, size: int = 4000, bias: float = 0.3, confounding: float = 0.3, seed: int = 0, max_length: int = 12
+        self,
+        size: int = 4000,
+        bias: float = 0.3,
+        confounding: float = 0.3,
+        seed: int = 0,
+        max_length: int = 12,
+        tokenizer: Any | None = None,
     ) -> None:
         if not 0 <= bias <= 1 or not 0 <= confounding <= 1:
             raise XAIConfigurationError(
@@ -147,8 +158,12 @@ class EmotionTemplates(Dataset[dict[str, Tensor]]):
             text = template.format(person=PERSON_PAIRS[pair][gender], emotion=emotion).lower()
             counterfactual = template.format(person=PERSON_PAIRS[pair][1 - gender], emotion=emotion).lower()
             self.sentences.append(Sentence(text, counterfactual, mood, label, gender, int(pair >= NUM_NOUN_PHRASES)))
-        self.inputs = torch.stack([self.encode(s.text) for s in self.sentences])
-        self.counterfactual_inputs = torch.stack([self.encode(s.counterfactual) for s in self.sentences])
+        if tokenizer is None:
+            self.pad_token_id = self.index["[PAD]"]
+            self.inputs = torch.stack([self.encode(s.text) for s in self.sentences])
+            self.counterfactual_inputs = torch.stack([self.encode(s.counterfactual) for s in self.sentences])
+        else:
+            self.pad_token_id, self.inputs, self.counterfactual_inputs = _tokenized(tokenizer, self.sentences)
         self.targets = torch.tensor([s.label for s in self.sentences])
         self.moods = torch.tensor([s.mood for s in self.sentences])
         self.genders = torch.tensor([s.gender for s in self.sentences])
@@ -171,10 +186,23 @@ class EmotionTemplates(Dataset[dict[str, Tensor]]):
         ids = self.inputs[index]
         return {
             "input": ids,
-            "attention_mask": (ids != self.index["[PAD]"]).long(),
+            "attention_mask": (ids != self.pad_token_id).long(),
             "target": self.targets[index],
             "mood": self.moods[index],
             "gender": self.genders[index],
             "is_name": self.is_name[index],
             "counterfactual_input": self.counterfactual_inputs[index],
         }
+
+
+def _tokenized(tokenizer: Any, sentences: list[Sentence]) -> tuple[int, Tensor, Tensor]:
+    """``(pad id, inputs, counterfactual inputs)``: both sides padded to the longest sentence of either."""
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        raise XAIConfigurationError(
+            f"EmotionTemplates: the tokenizer {type(tokenizer).__name__} has no pad_token_id; set "
+            "tokenizer.pad_token (e.g. to its eos_token) before passing it."
+        )
+    texts = [s.text for s in sentences] + [s.counterfactual for s in sentences]
+    ids = tokenizer(texts, padding="longest", return_tensors="pt")["input_ids"]
+    return int(pad_id), ids[: len(sentences)], ids[len(sentences) :]
