@@ -235,9 +235,9 @@ class ConceptEffect(Callback):
         estimates: dict[str, EffectEstimate] = {}
         explained = reference if reference is not None else probs
         kwargs = {"distance": self.distance, "class_index": self.class_index, "confidence": self.confidence}
-        binary = (concept == concept.max()).long().cpu() if concept.unique().numel() == 2 else None
-        if self.pooling == "none":
-            binary = None  # token-level concepts have no per-example value
+        binary = None  # the per-example value of a binary concept (token-level concepts have none)
+        if self.pooling != "none" and concept.unique().numel() == 2:
+            binary = (concept == concept.max()).long().cpu()
         if reference is not None:
             estimates["treate"] = treate(reference.cpu(), probs.cpu(), **kwargs)
             if binary is not None:

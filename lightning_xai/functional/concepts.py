@@ -194,7 +194,7 @@ def treate(
     """
     distances = prediction_distance(p_original, p_counterfactual, distance, class_index)
     if contrast == "flip":
-        distances = distances / _other_value_share(concept, prevalence, distances.shape[0])
+        distances = distances / _other_value_share(concept, prevalence, distances.shape[0]).to(distances.device)
     elif contrast != "removal":
         raise XAIConfigurationError(f"treate: contrast must be 'removal' or 'flip', got {contrast!r}.")
     return _mean_estimate(distances, confidence)
@@ -207,11 +207,11 @@ def _other_value_share(concept: Tensor | None, prevalence: Sequence[float] | Ten
             "treate(contrast='flip') needs the concept value of every example: pass concept=<(N,) binary tensor>."
         )
     concept = torch.as_tensor(concept).reshape(-1).long().cpu()
-    if concept.numel() != n or (concept.numel() and (concept.min() < 0 or concept.max() > 1)):
+    values = sorted(set(concept.tolist()))
+    if concept.numel() != n or not set(values) <= {0, 1}:
         raise XAIConfigurationError(
             f"treate(contrast='flip'): concept must hold one value in {{0, 1}} per example ({n}), got "
-            f"{concept.numel()} values in [{int(concept.min()) if concept.numel() else 0}, "
-            f"{int(concept.max()) if concept.numel() else 0}]; the flip contrast is defined for binary concepts."
+            f"{concept.numel()} values among {values[:5]}; the flip contrast is defined for binary concepts."
         )
     shares = (
         torch.bincount(concept, minlength=2).double() / max(n, 1)
