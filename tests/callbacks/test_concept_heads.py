@@ -308,3 +308,83 @@ def test_conditional_decorrelation_keeps_a_correlated_control_and_removes_the_re
         assert accuracy < majority + 0.03
     with pytest.raises(XAIConfigurationError, match="applies to objective='decorrelation' only"):
         AdversarialConceptHead("encoder", "gender", 2, condition_key="control")
+
+
+class HeadlessOptimizerEncoder(Encoder):
+    """Builds its optimizer from its own layers only, so the heads arrive as an added parameter group."""
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([*self.encoder.parameters(), *self.classifier.parameters()], lr=0.01)
+
+
+@pytest.mark.parametrize("optimizer_has_heads", [True, False])
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, optimizer_has_heads):
+    # the heads are submodules (their weights are in the checkpoint) and an added parameter group must be
+    # back in the optimizer before its state is restored, or Adam's moments of the heads would be lost
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    data = loader(DictDataset(**planted(64)), 16)
+    model_class = Encoder if optimizer_has_heads else HeadlessOptimizerEncoder
+
+    def heads():
+        return [
+            AdversarialConceptHead("encoder", "gender", 2, reversal=0.5, schedule="linear_warmup", warmup_steps=3),
+            ControlConceptHead("encoder", "control", 2),
+        ]
+
+    torch.manual_seed(1)
+    straight = model_class()
+    trainer(max_epochs=2, callbacks=heads()).fit(straight, data)
+
+    # interrupted after one epoch (4 steps; an epoch boundary, so the resumed run sees the same batches)
+    torch.manual_seed(1)
+    first = model_class()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_epochs=1, callbacks=[*heads(), checkpoint], enable_checkpointing=True).fit(first, data)
+    resumed_heads = heads()
+    resumed = model_class()
+    run = trainer(max_epochs=2, callbacks=resumed_heads)
+    run.fit(resumed, data, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert len(run.optimizers[0].param_groups) == (1 if optimizer_has_heads else 3)  # one group per head
+    assert resumed_heads[0].steps_seen == 8  # the warm-up's counters went on from the checkpoint
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def _heads_for_step():
+    return [
+        AdversarialConceptHead("encoder", "gender", 2, weight=2.0, reversal=0.7, schedule="constant"),
+        ControlConceptHead("encoder", "control", 2),
+    ]
+
+
+def test_gradient_accumulation_of_two_halves_equals_one_full_batch():
+    # every loss is a mean over equal halves, so two accumulated halves make the full batch's SGD step
+    data = DictDataset(**planted(64))
+    updated = {}
+    for batch_size, accumulate in ((64, 1), (32, 2)):
+        model = SGDEncoder()
+        torch.manual_seed(5)  # the same initial heads
+        trainer(max_steps=1, accumulate_grad_batches=accumulate, callbacks=_heads_for_step()).fit(
+            model, loader(data, batch_size)
+        )
+        updated[accumulate] = model.state_dict()
+    for name, value in updated[1].items():
+        torch.testing.assert_close(updated[2][name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bf16_mixed_precision_gives_the_fp32_update():
+    data = DictDataset(**planted(64))
+    deltas = {}
+    for precision in ("32-true", "bf16-mixed"):
+        model = SGDEncoder()
+        before = copy.deepcopy(model.state_dict())
+        torch.manual_seed(5)
+        heads = _heads_for_step()
+        trainer(max_steps=1, precision=precision, callbacks=heads).fit(model, loader(data, 64))
+        deltas[precision] = torch.cat([(model.state_dict()[k] - v).flatten() for k, v in before.items()])
+        heads_after = [h.head(model).weight.detach().clone() for h in heads]
+        assert all(torch.isfinite(w).all() for w in heads_after)
+    cosine = F.cosine_similarity(deltas["32-true"], deltas["bf16-mixed"], dim=0)
+    ratio = deltas["bf16-mixed"].norm() / deltas["32-true"].norm()
+    assert cosine > 0.99 and abs(ratio - 1) < 0.05  # measured: cosine 0.999997, norm ratio 0.9997
