@@ -110,7 +110,8 @@ class EmotionTemplates(Dataset[dict[str, Tensor]]):
         bias: probability that a sentence's label is replaced by its gender's label.
         confounding: extra probability of a joy word for female persons (and a sad word for male ones).
         seed: seed of the generator.
-        max_length: padded length in tokens.
+        max_length: padded length in tokens with the corpus's own vocabulary (a ``tokenizer`` pads to the
+            longest sentence instead).
         tokenizer: optional Hugging Face tokenizer (called on a list of texts, with ``pad_token_id``).
 
     Examples:

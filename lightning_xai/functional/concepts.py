@@ -207,7 +207,7 @@ def _other_value_share(concept: Tensor | None, prevalence: Sequence[float] | Ten
             "treate(contrast='flip') needs the concept value of every example: pass concept=<(N,) binary tensor>."
         )
     concept = torch.as_tensor(concept).reshape(-1).long().cpu()
-    values = sorted(set(concept.tolist()))
+    values = torch.unique(concept).tolist()  # sorted
     if concept.numel() != n or not set(values) <= {0, 1}:
         raise XAIConfigurationError(
             f"treate(contrast='flip'): concept must hold one value in {{0, 1}} per example ({n}), got "
