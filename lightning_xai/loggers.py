@@ -16,7 +16,13 @@ other             skipped, with one warning naming the logger class
 ================  =================================================================================================
 
 In file and artifact paths, ``<key>`` is the key with ``/`` (and any other character outside ``[A-Za-z0-9_.-]``)
-replaced by ``_``: ``"attribution/heatmap"`` becomes ``media/attribution_heatmap/step_3.png``.
+replaced by ``_``: ``"attribution/heatmap"`` becomes ``media/attribution_heatmap/step_3.png``. Outside ``fit``
+the file name starts with the stage, ``validate_step_3.png`` or ``test_step_3.png``, so that
+``trainer.validate()`` after ``fit`` (at the same global step) does not overwrite the fit's last picture; a name
+this process has written already gets a ``-2``, ``-3``, ... suffix.
+
+The adapters match the logger classes of every installed Lightning package (``lightning.pytorch.loggers`` and
+``pytorch_lightning.loggers``), so pictures reach the loggers of either.
 
 Only global rank 0 writes. A failure inside a backend (full disk, a server error, a missing optional package)
 never stops training: it is caught and reported once per logger class, call kind and error type with
@@ -26,6 +32,7 @@ never stops training: it is caught and reported once per logger class, call kind
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 import re
@@ -33,13 +40,14 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
-from pytorch_lightning.utilities import rank_zero_warn
+
+from lightning_xai._lightning import Trainer, logger_types, rank_zero_warn
 
 __all__ = ["log_html", "log_image", "log_table"]
 
 _WARNED: set[tuple[str, ...]] = set()
+# (folder or run id, file name) written by this process: a second picture of one key and step gets a suffix
+_WRITTEN: set[tuple[str, str]] = set()
 
 
 def _warn_once(key: tuple[str, ...], message: str) -> None:
@@ -114,118 +122,156 @@ def _markdown_table(columns: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def _media_path(root: str, key: str, step: int, suffix: str) -> str:
-    folder = os.path.join(root, "media", _safe_name(key))
+class _Entry:
+    """Where one picture, page or table goes: its key, its global step and the stage that made it."""
+
+    def __init__(self, key: str, step: int, stage: str) -> None:
+        self.key, self.step, self.stage = key, int(step), stage
+
+    def file_name(self, owner: str, suffix: str, exists: Callable[[str], bool] = lambda name: False) -> str:
+        """``step_<step><suffix>`` (``<stage>_step_...`` outside fit), unique per ``owner`` within this process."""
+        stem = f"step_{self.step}" if self.stage == "fit" else f"{self.stage}_step_{self.step}"
+        name, copy = f"{stem}{suffix}", 1
+        while (owner, name) in _WRITTEN or exists(name):
+            copy += 1
+            name = f"{stem}-{copy}{suffix}"
+        _WRITTEN.add((owner, name))
+        return name
+
+
+def _media_path(root: str, entry: _Entry, suffix: str) -> str:
+    folder = os.path.join(root, "media", _safe_name(entry.key))
     os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, f"step_{int(step)}{suffix}")
+    # a resumed run writes into the same folder: never overwrite what an earlier process wrote
+    return os.path.join(
+        folder, entry.file_name(folder, suffix, lambda name: os.path.exists(os.path.join(folder, name)))
+    )
 
 
-def _artifact_file(key: str, step: int, suffix: str) -> str:
-    return f"media/{_safe_name(key)}/step_{int(step)}{suffix}"
+def _artifact_file(run_id: str, entry: _Entry, suffix: str) -> str:
+    return f"media/{_safe_name(entry.key)}/{entry.file_name(f'mlflow:{run_id}:{entry.key}', suffix)}"
 
 
 # ----------------------------------------------------------------------------------------------- images
 
 
-def _image_tensorboard(logger: TensorBoardLogger, key: str, img: np.ndarray, step: int, caption: str | None) -> None:
-    logger.experiment.add_image(key, img, global_step=step, dataformats="HWC")
+def _image_tensorboard(logger: Any, entry: _Entry, img: np.ndarray, caption: str | None) -> None:
+    logger.experiment.add_image(entry.key, img, global_step=entry.step, dataformats="HWC")
 
 
-def _image_csv(logger: CSVLogger, key: str, img: np.ndarray, step: int, caption: str | None) -> None:
+def _image_csv(logger: Any, entry: _Entry, img: np.ndarray, caption: str | None) -> None:
     import matplotlib.image as mpimg
 
-    metadata = {"Title": key, **({"Description": caption} if caption else {})}
-    mpimg.imsave(_media_path(logger.log_dir, key, step, ".png"), img, metadata=metadata)
+    metadata = {"Title": entry.key, **({"Description": caption} if caption else {})}
+    mpimg.imsave(_media_path(logger.log_dir, entry, ".png"), img, metadata=metadata)
 
 
-def _image_mlflow(logger: MLFlowLogger, key: str, img: np.ndarray, step: int, caption: str | None) -> None:
-    logger.experiment.log_image(logger.run_id, img, artifact_file=_artifact_file(key, step, ".png"))
+def _image_mlflow(logger: Any, entry: _Entry, img: np.ndarray, caption: str | None) -> None:
+    logger.experiment.log_image(logger.run_id, img, artifact_file=_artifact_file(logger.run_id, entry, ".png"))
 
 
-def _image_wandb(logger: WandbLogger, key: str, img: np.ndarray, step: int, caption: str | None) -> None:
-    logger.log_image(key=key, images=[img], step=step, **({"caption": [caption]} if caption else {}))
+def _image_wandb(logger: Any, entry: _Entry, img: np.ndarray, caption: str | None) -> None:
+    logger.log_image(key=entry.key, images=[img], step=entry.step, **({"caption": [caption]} if caption else {}))
 
 
 # ------------------------------------------------------------------------------------------------- html
 
 
-def _html_tensorboard(logger: TensorBoardLogger, key: str, html: str, step: int) -> None:
-    logger.experiment.add_text(key, html, global_step=step)
+def _html_tensorboard(logger: Any, entry: _Entry, html: str) -> None:
+    logger.experiment.add_text(entry.key, html, global_step=entry.step)
 
 
-def _html_csv(logger: CSVLogger, key: str, html: str, step: int) -> None:
-    with open(_media_path(logger.log_dir, key, step, ".html"), "w", encoding="utf-8") as f:
-        f.write(_wrap_html(key, html))
+def _html_csv(logger: Any, entry: _Entry, html: str) -> None:
+    with open(_media_path(logger.log_dir, entry, ".html"), "w", encoding="utf-8") as f:
+        f.write(_wrap_html(entry.key, html))
 
 
-def _html_mlflow(logger: MLFlowLogger, key: str, html: str, step: int) -> None:
-    logger.experiment.log_text(logger.run_id, _wrap_html(key, html), artifact_file=_artifact_file(key, step, ".html"))
+def _html_mlflow(logger: Any, entry: _Entry, html: str) -> None:
+    artifact = _artifact_file(logger.run_id, entry, ".html")
+    logger.experiment.log_text(logger.run_id, _wrap_html(entry.key, html), artifact_file=artifact)
 
 
-def _html_wandb(logger: WandbLogger, key: str, html: str, step: int) -> None:
+def _html_wandb(logger: Any, entry: _Entry, html: str) -> None:
     import wandb
 
-    logger.log_metrics({key: wandb.Html(html)}, step=step)  # type: ignore[dict-item]
+    logger.log_metrics({entry.key: wandb.Html(html)}, step=entry.step)  # type: ignore[dict-item]
 
 
 # ------------------------------------------------------------------------------------------------ table
 
 
-def _table_tensorboard(logger: TensorBoardLogger, key: str, columns: list[str], rows: list[list], step: int) -> None:
-    logger.experiment.add_text(key, _markdown_table(columns, rows), global_step=step)
+def _table_tensorboard(logger: Any, entry: _Entry, columns: list[str], rows: list[list]) -> None:
+    logger.experiment.add_text(entry.key, _markdown_table(columns, rows), global_step=entry.step)
 
 
-def _table_csv(logger: CSVLogger, key: str, columns: list[str], rows: list[list], step: int) -> None:
-    with open(_media_path(logger.log_dir, key, step, ".csv"), "w", encoding="utf-8", newline="") as f:
+def _table_csv(logger: Any, entry: _Entry, columns: list[str], rows: list[list]) -> None:
+    with open(_media_path(logger.log_dir, entry, ".csv"), "w", encoding="utf-8", newline="") as f:
         f.write(_csv_text(columns, rows))
 
 
-def _table_mlflow(logger: MLFlowLogger, key: str, columns: list[str], rows: list[list], step: int) -> None:
+def _table_mlflow(logger: Any, entry: _Entry, columns: list[str], rows: list[list]) -> None:
     # ``MlflowClient.log_table`` needs pandas, which mlflow-skinny does not install: a CSV artifact works everywhere.
-    logger.experiment.log_text(logger.run_id, _csv_text(columns, rows), artifact_file=_artifact_file(key, step, ".csv"))
+    artifact = _artifact_file(logger.run_id, entry, ".csv")
+    logger.experiment.log_text(logger.run_id, _csv_text(columns, rows), artifact_file=artifact)
 
 
-def _table_wandb(logger: WandbLogger, key: str, columns: list[str], rows: list[list], step: int) -> None:
-    logger.log_table(key=key, columns=list(columns), data=[list(r) for r in rows], step=step)
+def _table_wandb(logger: Any, entry: _Entry, columns: list[str], rows: list[list]) -> None:
+    logger.log_table(key=entry.key, columns=list(columns), data=[list(r) for r in rows], step=entry.step)
 
 
 # --------------------------------------------------------------------------------------------- dispatch
 
-_Handlers = list[tuple[type[Logger], Callable[..., None]]]
+# logger class name -> adapter; the classes of every installed Lightning package match (lightning_xai._lightning)
+_Handlers = dict[str, Callable[..., None]]
 
-_IMAGE: _Handlers = [
-    (TensorBoardLogger, _image_tensorboard),
-    (CSVLogger, _image_csv),
-    (MLFlowLogger, _image_mlflow),
-    (WandbLogger, _image_wandb),
-]
-_HTML: _Handlers = [
-    (TensorBoardLogger, _html_tensorboard),
-    (CSVLogger, _html_csv),
-    (MLFlowLogger, _html_mlflow),
-    (WandbLogger, _html_wandb),
-]
-_TABLE: _Handlers = [
-    (TensorBoardLogger, _table_tensorboard),
-    (CSVLogger, _table_csv),
-    (MLFlowLogger, _table_mlflow),
-    (WandbLogger, _table_wandb),
-]
+_IMAGE: _Handlers = {
+    "TensorBoardLogger": _image_tensorboard,
+    "CSVLogger": _image_csv,
+    "MLFlowLogger": _image_mlflow,
+    "WandbLogger": _image_wandb,
+}
+_HTML: _Handlers = {
+    "TensorBoardLogger": _html_tensorboard,
+    "CSVLogger": _html_csv,
+    "MLFlowLogger": _html_mlflow,
+    "WandbLogger": _html_wandb,
+}
+_TABLE: _Handlers = {
+    "TensorBoardLogger": _table_tensorboard,
+    "CSVLogger": _table_csv,
+    "MLFlowLogger": _table_mlflow,
+    "WandbLogger": _table_wandb,
+}
 
 
-def _dispatch(trainer: pl.Trainer, kind: str, handlers: _Handlers, *args: Any) -> None:
+@functools.cache
+def _classes(name: str) -> tuple[type, ...]:
+    return logger_types(name)
+
+
+def _handler(logger: Any, handlers: _Handlers) -> Callable[..., None] | None:
+    return next((fn for name, fn in handlers.items() if isinstance(logger, _classes(name))), None)
+
+
+def _stage(trainer: Trainer) -> str:
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    return str(getattr(fn, "value", fn) or "fit")
+
+
+def _dispatch(trainer: Trainer, kind: str, handlers: _Handlers, key: str, step: int, *args: Any) -> None:
+    entry = _Entry(key, step, _stage(trainer))
     for logger in trainer.loggers:
         name = type(logger).__name__
-        handler = next((fn for cls, fn in handlers if isinstance(logger, cls)), None)
+        handler = _handler(logger, handlers)
         if handler is None:
             _warn_once(
                 ("unsupported", name, kind),
-                f"lightning_xai.loggers: {name} has no {kind} adapter (supported: TensorBoardLogger, CSVLogger, "
-                f"MLFlowLogger, WandbLogger); the {kind} is not logged to it.",
+                f"lightning_xai.loggers: {name} has no {kind} adapter (supported: {', '.join(handlers)}, from "
+                f"lightning.pytorch.loggers or pytorch_lightning.loggers); the {kind} is not logged to it.",
             )
             continue
         try:
-            handler(logger, *args)
+            handler(logger, entry, *args)
         except Exception as err:  # noqa: BLE001 - a picture must never stop training
             _warn_once(
                 ("failed", name, kind, type(err).__name__),
@@ -234,11 +280,11 @@ def _dispatch(trainer: pl.Trainer, kind: str, handlers: _Handlers, *args: Any) -
             )
 
 
-def _active(trainer: pl.Trainer) -> bool:
+def _active(trainer: Trainer) -> bool:
     return bool(trainer.is_global_zero) and bool(trainer.loggers)
 
 
-def log_image(trainer: pl.Trainer, key: str, image: np.ndarray, step: int, caption: str | None = None) -> None:
+def log_image(trainer: Trainer, key: str, image: np.ndarray, step: int, caption: str | None = None) -> None:
     """Log an RGB picture to every logger of ``trainer``.
 
     Args:
@@ -253,17 +299,17 @@ def log_image(trainer: pl.Trainer, key: str, image: np.ndarray, step: int, capti
 
     Examples:
         >>> import numpy as np
-        >>> import pytorch_lightning as pl
+        >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
         >>> log_image(trainer, "attribution/heatmap", np.zeros((8, 8, 3), dtype=np.uint8), step=0)  # no loggers
     """
     img = _as_uint8_rgb(image)
     if not _active(trainer):
         return
-    _dispatch(trainer, "image", _IMAGE, key, img, int(step), caption)
+    _dispatch(trainer, "image", _IMAGE, key, int(step), img, caption)
 
 
-def log_html(trainer: pl.Trainer, key: str, html: str, step: int) -> None:
+def log_html(trainer: Trainer, key: str, html: str, step: int) -> None:
     """Log an HTML fragment (e.g. from :func:`lightning_xai.visualization.highlight_tokens_html`).
 
     Args:
@@ -279,10 +325,10 @@ def log_html(trainer: pl.Trainer, key: str, html: str, step: int) -> None:
     """
     if not _active(trainer):
         return
-    _dispatch(trainer, "html", _HTML, key, str(html), int(step))
+    _dispatch(trainer, "html", _HTML, key, int(step), str(html))
 
 
-def log_table(trainer: pl.Trainer, key: str, columns: list[str], rows: list[list], step: int) -> None:
+def log_table(trainer: Trainer, key: str, columns: list[str], rows: list[list], step: int) -> None:
     """Log a small table (a list of rows) to every logger of ``trainer``.
 
     Args:
@@ -309,4 +355,4 @@ def log_table(trainer: pl.Trainer, key: str, columns: list[str], rows: list[list
             )
     if not _active(trainer):
         return
-    _dispatch(trainer, "table", _TABLE, key, columns, rows, int(step))
+    _dispatch(trainer, "table", _TABLE, key, int(step), columns, rows)

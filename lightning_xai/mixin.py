@@ -7,79 +7,53 @@ each term as ``xai/<name>`` and the sum as ``xai/total``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_xai.errors import MissingBatchKeyError, XAIConfigurationError
+from lightning_xai._contract import (
+    LOGITS_KEY,
+    STEP_LOGITS,
+    StepContext,
+    batch_rows,
+    logits_of,
+    parse_batch,
+    require_logits,
+)
+from lightning_xai.errors import XAIConfigurationError
+from lightning_xai.functional.penalties import math_attention
 
 if TYPE_CHECKING:
     from lightning_xai.callbacks._loss_term import LossTerm
 
-_INPUT_ALIASES = ("input", "inputs", "x", "input_ids", "image", "images", "pixel_values", "features")
-_TARGET_ALIASES = ("target", "targets", "y", "label", "labels")
-
-
-class StepContext:
-    """What one training step offers the loss terms: the batch view and outputs captured by hooks.
-
-    Attributes:
-        module: the LightningModule.
-        batch: the batch as the user's ``training_step`` received it.
-        captured_output: logits of the step's own forward pass on ``batch['input']``, when the module was
-            called on exactly that tensor (lets input-gradient penalties skip a second forward).
-        data: mapping from :meth:`XAIMixin.xai_batch`.
-    """
-
-    def __init__(self, module: XAIMixin, batch: Any) -> None:
-        self.module = module
-        self.batch = batch
-        self.captured_output: Tensor | None = None
-        self._data: Mapping[str, Any] | None = None
-        self.cache: dict[str, Any] = {}
-
-    @property
-    def data(self) -> Mapping[str, Any]:
-        if self._data is None:
-            self._data = self.module.xai_batch(self.batch)
-        return self._data
-
-    def get(self, key: str, requested_by: str) -> Any:
-        """The batch entry ``key``; raises :class:`MissingBatchKeyError` naming the callback and the keys there are."""
-        data = self.data
-        if key not in data:
-            raise MissingBatchKeyError(
-                f"{requested_by} needs the batch key {key!r}, but the batch has the keys {sorted(data)}. "
-                f"Add {key!r} to your batches (a dict, or a third tuple element {{'{key}': ...}}), set the "
-                f"callback's key argument to one of these, or override xai_batch() on your LightningModule."
-            )
-        return data[key]
+__all__ = ["StepContext", "XAIMixin"]
 
 
 def _wrap_training_step(step: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(step)
     def training_step(self: XAIMixin, batch: Any, *args: Any, **kwargs: Any) -> Any:
         # A subclass step that calls super().training_step() is wrapped twice: only the outermost adds terms.
-        if getattr(self, "_xai_depth", 0) > 0:
+        if getattr(self, "_xai_context", None) is not None:
             return step(self, batch, *args, **kwargs)
         terms = self._xai_loss_terms()
         if not terms:
             return step(self, batch, *args, **kwargs)
         context = StepContext(self, batch)
         self._xai_loss_called = False
-        removers = self._xai_prepare(context, terms)
-        self._xai_depth = 1
         try:
-            output = step(self, batch, *args, **kwargs)
+            with contextlib.ExitStack() as around_step:
+                self._xai_prepare(context, terms, around_step)
+                self._xai_context = context
+                output = step(self, batch, *args, **kwargs)
         finally:
-            self._xai_depth = 0
-            for remove in removers:
-                remove()
-        if not self.automatic_optimization:
+            self._xai_context = None
+            context.hooks.remove()
+        if not self.automatic_optimization:  # type: ignore[attr-defined]
             if not self._xai_loss_called:
                 raise XAIConfigurationError(
                     f"{type(self).__name__} uses manual optimization, so XAIMixin cannot add the terms of "
@@ -117,9 +91,16 @@ class XAIMixin:
     Override to adapt it to your model:
 
     * :meth:`xai_batch` if your batches are neither ``(x, y)``, ``(x, y, extras)`` nor dicts;
-    * :meth:`xai_forward` if ``self(x)`` does not return logits;
+    * ``xai_logits_key`` if ``self(x)`` returns a dict or Hugging Face ``ModelOutput`` whose logits are not
+      under ``"logits"``, or :meth:`xai_forward` if the logits need more than a key;
     * :meth:`xai_embed` and :meth:`xai_forward_from_embeddings` for text models, so that gradient
       penalties act on token embeddings.
+
+    Class attributes:
+        xai_input_key, xai_target_key: dict-batch keys of the input and the target (the usual aliases such
+            as ``x``/``y`` or ``input_ids``/``labels`` are found without them).
+        xai_logits_key: where the logits are in a dict or ``ModelOutput`` returned by ``self(x)``.
+        xai_prog_bar: show ``xai/total`` on the progress bar (each callback's ``prog_bar`` shows its own term).
 
     Examples:
         >>> import pytorch_lightning as pl
@@ -140,6 +121,8 @@ class XAIMixin:
 
     xai_input_key: str = "input"
     xai_target_key: str = "target"
+    xai_logits_key: str = LOGITS_KEY
+    xai_prog_bar: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -153,41 +136,17 @@ class XAIMixin:
         """Maps a batch onto the keys the callbacks read: ``input``, ``target`` and any extras.
 
         Understands ``(x, y)``, ``(x, y, extras_dict)`` and dict batches (``input``/``target`` or the
-        usual aliases such as ``x``/``y``, ``input_ids``/``labels``).
+        usual aliases such as ``x``/``y``, ``input_ids``/``labels``); see
+        :func:`lightning_xai._contract.parse_batch`. Every callback reads batches through this method.
         """
-        if isinstance(batch, Mapping):
-            data = dict(batch)
-            for key, aliases in ((self.xai_input_key, _INPUT_ALIASES), (self.xai_target_key, _TARGET_ALIASES)):
-                canonical = "input" if aliases is _INPUT_ALIASES else "target"
-                if key in data:
-                    data.setdefault(canonical, data[key])
-                    continue
-                for alias in aliases:
-                    if alias in data:
-                        data.setdefault(canonical, data[alias])
-                        break
-            return data
-        if isinstance(batch, (list, tuple)):
-            if len(batch) >= 2 and isinstance(batch[0], Tensor):
-                data = {"input": batch[0], "target": batch[1]}
-                if len(batch) >= 3:
-                    if not isinstance(batch[2], Mapping):
-                        raise XAIConfigurationError(
-                            f"the third element of a tuple batch must be a dict of extras (e.g. {{'mask': m}}), "
-                            f"got {type(batch[2]).__name__}; override xai_batch() for other layouts."
-                        )
-                    data.update(batch[2])
-                return data
-        if isinstance(batch, Tensor):
-            return {"input": batch}
-        raise XAIConfigurationError(
-            f"XAIMixin.xai_batch does not understand a batch of type {type(batch).__name__}; override "
-            "xai_batch(batch) to return a dict with 'input', 'target' and the keys your callbacks read."
-        )
+        return parse_batch(batch, self.xai_input_key, self.xai_target_key)
 
     def xai_forward(self, inputs: Tensor) -> Tensor:
-        """Logits for ``inputs``; the function that penalties differentiate and decompose. Default: ``self(inputs)``."""
-        return self(inputs)  # type: ignore[operator]
+        """Logits for ``inputs``; the function that penalties differentiate and decompose.
+
+        Default: ``self(inputs)``, or its ``xai_logits_key`` entry when it returns a dict or a ``ModelOutput``.
+        """
+        return require_logits(self(inputs), type(self).__name__, self.xai_logits_key)  # type: ignore[operator]
 
     def xai_embed(self, input_ids: Tensor) -> Tensor:
         """Token embeddings for ``input_ids``; override for text models (gradient penalties act on them)."""
@@ -207,51 +166,65 @@ class XAIMixin:
     def xai_loss(self, batch: Any) -> Tensor:
         """The weighted sum of all loss terms for ``batch``, for manual optimization.
 
-        Call it inside ``training_step`` and add it to your loss before ``manual_backward``.
+        Call it inside ``training_step`` after the forward pass and add it to your loss before
+        ``manual_backward``. It reads the outputs that forward produced (the hooks of the MI regularizer, the
+        concept heads and the penalties are active during the step), so every loss term works under manual
+        optimization. A step with several forward/backward rounds (two optimizers) calls it once per round:
+        each call reads the outputs of the forward passes since the previous call.
         """
         terms = self._xai_loss_terms()
         self._xai_loss_called = True
-        reference = next((p for p in self.parameters()), None)  # type: ignore[attr-defined]
-        zero = torch.zeros((), device=reference.device if reference is not None else None)
         if not terms:
-            return zero
-        return self._xai_total(StepContext(self, batch), terms)
+            reference = next((p for p in self.parameters()), None)  # type: ignore[attr-defined]
+            return torch.zeros((), device=reference.device if reference is not None else None)
+        context = getattr(self, "_xai_context", None)
+        if context is None:  # called outside a training_step (a custom loop): no hooks ran
+            return self._xai_total(StepContext(self, batch), terms)
+        if batch is not context.batch:
+            raise XAIConfigurationError(
+                f"{type(self).__name__}.xai_loss(batch) got another object than the batch training_step received; "
+                "the terms read the outputs of the step's forward on that batch. Pass the step's own batch."
+            )
+        try:
+            return self._xai_total(context, terms)
+        finally:
+            context.consume_captures()
 
     # ------------------------------------------------------------------ internals
 
     def _xai_loss_terms(self) -> list[LossTerm]:
-        from lightning_xai.callbacks._loss_term import LossTerm
-
         trainer = getattr(self, "_trainer", None)
         if trainer is None:
             return []
-        return [callback for callback in trainer.callbacks if isinstance(callback, LossTerm)]
+        return [callback for callback in trainer.callbacks if getattr(callback, "xai_loss_term", False)]
 
-    def _xai_prepare(self, context: StepContext, terms: list[LossTerm]) -> list[Callable[[], None]]:
+    def _xai_prepare(self, context: StepContext, terms: list[LossTerm], around_step: contextlib.ExitStack) -> None:
         """Lets terms hook into the step's own forward pass, so that they need no second forward."""
-        removers = [remover for term in terms if (remover := term.prepare_step(self, context)) is not None]
+        for term in terms:
+            term.prepare_step(self, context)
         if type(self).xai_forward is not XAIMixin.xai_forward:
-            return removers
+            return
         if not any(term.reuses_step_forward for term in terms):
-            return removers
+            return
         inputs = context.data.get("input")
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or not inputs.is_leaf:
-            return removers
+            return
         inputs.requires_grad_(True)
-
-        def capture(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if context.captured_output is None and args and args[0] is inputs and isinstance(output, Tensor):
-                context.captured_output = output
-
-        handle = self.register_forward_hook(capture)  # type: ignore[attr-defined]
-
-        return [*removers, handle.remove]
+        key = self.xai_logits_key
+        context.capture(
+            self,  # type: ignore[arg-type]
+            STEP_LOGITS,
+            select=lambda output: logits_of(output, key),
+            accept=lambda args, logits: bool(args) and args[0] is inputs and isinstance(logits, Tensor),
+        )
+        # the penalty differentiates these logits twice: attention must run on the kernel with a double backward
+        around_step.enter_context(math_attention())
 
     def _xai_total(self, context: StepContext, terms: list[LossTerm]) -> Tensor:
         trainer = self._trainer  # type: ignore[attr-defined]
         values: dict[str, Tensor] = {}
         total: Tensor | None = None
-        batch_size = _batch_size(context)
+        batch_size = batch_rows(context.data)
         for term in terms:
             weight = term.current_weight(trainer)
             if weight == 0.0:
@@ -273,15 +246,24 @@ class XAIMixin:
             reference = next(iter(self.parameters()))  # type: ignore[attr-defined]
             total = torch.zeros((), device=reference.device)
         log = self.log  # type: ignore[attr-defined]
+        shown = {term.term_name for term in terms if term.prog_bar}
         for name, value in values.items():
-            log(f"xai/{name}", value.float(), on_step=True, on_epoch=True, batch_size=batch_size, sync_dist=True)
-        log("xai/total", total.detach().float(), on_step=True, on_epoch=True, batch_size=batch_size, sync_dist=True)
+            log(
+                f"xai/{name}",
+                value.float(),
+                on_step=True,
+                on_epoch=True,
+                batch_size=batch_size,
+                sync_dist=True,
+                prog_bar=name in shown,
+            )
+        log(
+            "xai/total",
+            total.detach().float(),
+            on_step=True,
+            on_epoch=True,
+            batch_size=batch_size,
+            sync_dist=True,
+            prog_bar=self.xai_prog_bar,
+        )
         return total
-
-
-def _batch_size(context: StepContext) -> int | None:
-    try:
-        inputs = context.data.get("input")
-    except Exception:
-        return None
-    return int(inputs.shape[0]) if isinstance(inputs, Tensor) and inputs.dim() > 0 else None

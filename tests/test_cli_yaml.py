@@ -154,6 +154,6 @@ def test_yaml_trains_and_logs_its_terms(yaml_path: Path, monkeypatch: pytest.Mon
         assert all(term.steps_seen == 2 for term in terms)
     for callback in cli.trainer.callbacks:
         if type(callback).__name__ == "FairnessMetrics":
-            assert torch.isfinite(metrics[f"{callback.prefix}/dp_diff"])
+            assert torch.isfinite(metrics[f"{callback.name}/dp_diff"])
         if type(callback).__name__ == "ConceptEffect":
             assert 0.0 <= metrics[f"concept/{callback.name}/probe_accuracy"] <= 1.0

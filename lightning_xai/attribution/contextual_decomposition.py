@@ -31,6 +31,17 @@ from lightning_xai.functional.contextual_decomposition import Decomposition, tie
 _MAX_EXTRA_ARGS = 4
 
 
+def _uncompiled_forward(module: nn.Module) -> Callable[..., Any]:
+    """The module's own Python ``forward``, past ``torch.compile`` wrappers (CD interprets the plain graph)."""
+    context = getattr(module, "_compiler_ctx", None)  # Lightning's Trainer.fit(torch.compile(model))
+    if context and "original_forward" in context:
+        return context["original_forward"]
+    original = getattr(module, "_orig_mod", None)  # a torch.compile'd submodule (OptimizedModule)
+    if isinstance(original, nn.Module):
+        return original.forward
+    return module.forward
+
+
 class _CDTracer(fx.Tracer):
     """Stops at modules that have a rule (an LSTM, a BatchNorm) and traces into everything else."""
 
@@ -38,6 +49,11 @@ class _CDTracer(fx.Tracer):
         if find_module_rule(module) is not None:
             return True
         return super().is_leaf_module(module, qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        # Trace into a module's own forward, not its __call__: forward hooks (a user's, a concept head's) would
+        # receive Proxies, and a compiled call (model.compile(), torch.compile) cannot be traced.
+        return super().call_module(m, _uncompiled_forward(m), args, kwargs)
 
 
 class _ForwardAdapter(nn.Module):
@@ -74,6 +90,20 @@ def _traced(model: nn.Module, forward: Callable[..., Any] | None, num_extra: int
             ) from error
         per_model[key] = fx.GraphModule(adapter, graph)
     return per_model[key]
+
+
+def returns_single_tensor(model: nn.Module) -> bool:
+    """Whether ``model``'s forward returns one value rather than a dict or a tuple (per its fx trace).
+
+    The decomposition of ``xai_forward`` can then stand in for the module's own forward. ``False`` when the
+    forward cannot be traced.
+    """
+    try:
+        graph_module = _traced(model, None, 0)
+    except UnsupportedLayerError:
+        return False
+    output = next(node for node in graph_module.graph.nodes if node.op == "output")
+    return isinstance(output.args[0], fx.Node)
 
 
 def _module_path(node: fx.Node) -> str:

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.nn import functional as F
+from typing_extensions import override
 
-from lightning_xai.callbacks._fairness_common import named_submodule
+from lightning_xai._contract import StepContext, named_submodule
+from lightning_xai._lightning import LightningModule, Trainer, rank_zero_info
 from lightning_xai.callbacks._loss_term import LossTerm, Schedule
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional.concepts import Pooling, gradient_reversal, pool
-from lightning_xai.mixin import StepContext, XAIMixin
+from lightning_xai.mixin import XAIMixin
 
 HEADS_ATTRIBUTE = "xai_concept_heads"
 Selector = int | str | None
@@ -86,8 +87,9 @@ class ConceptHead(LossTerm):
         selector: int | str | None = None,
         attention_mask_key: str = "attention_mask",
         name: str | None = None,
+        prog_bar: bool = False,
     ) -> None:
-        super().__init__(weight=weight, schedule=schedule, warmup_steps=warmup_steps, name=name)
+        super().__init__(weight=weight, schedule=schedule, warmup_steps=warmup_steps, name=name, prog_bar=prog_bar)
         if num_classes < 2:
             raise XAIConfigurationError(f"{type(self).__name__}: num_classes must be >= 2, got {num_classes}.")
         if pooling not in ("mean", "cls", "none"):
@@ -109,27 +111,28 @@ class ConceptHead(LossTerm):
         return f"{self.concept_key}_{'control' if self.objective == 'none' else 'adversary'}"
 
     @property
-    def _where(self) -> str:
+    def where(self) -> str:
         return f"{type(self).__name__}(layer={self.layer!r}, concept_key={self.concept_key!r})"
 
     def head(self, pl_module: nn.Module) -> nn.Module:
         heads = getattr(pl_module, HEADS_ATTRIBUTE, None)
         if heads is None or self.term_name not in heads:
-            raise XAIConfigurationError(f"{self._where}: the head was not created; the callback's setup did not run.")
+            raise XAIConfigurationError(f"{self.where}: the head was not created; the callback's setup did not run.")
         return heads[self.term_name]
 
     def _layer(self, pl_module: nn.Module) -> nn.Module:
-        return named_submodule(pl_module, self.layer, self._where)
+        return named_submodule(pl_module, self.layer, self.where)
 
     # ----------------------------------------------------------------- Lightning hooks
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         layer = self._layer(pl_module)
         width = self.in_features or infer_width(pl_module, layer)
         if width is None:
             raise XAIConfigurationError(
-                f"{self._where}: cannot tell the width of {type(layer).__name__}'s output; pass in_features=."
+                f"{self.where}: cannot tell the width of {type(layer).__name__}'s output; pass in_features=."
             )
         heads = getattr(pl_module, HEADS_ATTRIBUTE, None)
         if heads is None:
@@ -150,7 +153,8 @@ class ConceptHead(LossTerm):
             head.to(device=reference.device)
         heads[self.term_name] = head
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         parameters = list(self.head(pl_module).parameters())
         optimizers = trainer.optimizers
         if not optimizers:
@@ -160,49 +164,51 @@ class ConceptHead(LossTerm):
         if missing:
             optimizers[0].add_param_group({"params": missing})
             rank_zero_info(
-                f"{self._where}: the optimizer did not hold the head's parameters (configure_optimizers ran on a "
+                f"{self.where}: the optimizer did not hold the head's parameters (configure_optimizers ran on a "
                 "parameter list made before setup); they were added as a parameter group with its defaults."
             )
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.correct = 0
         self.counted = 0
 
     # ----------------------------------------------------------------- the term
 
-    def prepare_step(self, pl_module: XAIMixin, context: StepContext) -> Callable[[], None] | None:
-        key = f"concept_head/{self.term_name}"
+    @property
+    def _key(self) -> str:
+        return f"concept_head/{self.term_name}"
 
-        def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-            if key not in context.cache:
-                context.cache[key] = output
-
-        return self._layer(pl_module).register_forward_hook(hook).remove  # type: ignore[arg-type]
+    @override
+    def prepare_step(self, pl_module: XAIMixin, context: StepContext) -> None:
+        context.capture(self._layer(pl_module), self._key)  # type: ignore[arg-type]
 
     def reversal_coefficient(self) -> float:
         return 1.0
 
+    @override
     def compute_term(self, pl_module: XAIMixin, context: StepContext) -> Tensor:
-        output = context.cache.get(f"concept_head/{self.term_name}")
+        output = context.cache.get(self._key)
         if output is None:
             raise XAIConfigurationError(
-                f"{self._where}: layer {self.layer!r} did not run during training_step; name a layer of the forward "
-                "pass that training_step calls."
+                f"{self.where}: layer {self.layer!r} did not run during training_step; name a layer of the forward "
+                "pass that training_step calls (before self.xai_loss(batch) under manual optimization)."
             )
-        features = select_features(output, self.selector, self._where)
-        labels = torch.as_tensor(context.get(self.concept_key, self._where), device=features.device).long()
+        objective = OBJECTIVES[self.objective]
+        features = select_features(output, self.selector, self.where)
+        labels = torch.as_tensor(context.get(self.concept_key, self.where), device=features.device).long()
         mask = context.data.get(self.attention_mask_key)
         features = pool(features, self.pooling, mask if isinstance(mask, Tensor) else None)
         head = self.head(pl_module)  # type: ignore[arg-type]
-        objective = self.objective
-        confusion = objective in ("confusion", "decorrelation")
-        if objective == "reversal":
-            features = gradient_reversal(features, self.reversal_coefficient())
-        logits = head(features.detach().float() if confusion else features.float())
-        logits, labels = logits.reshape(-1, self.num_classes), labels.reshape(-1)
+        if objective.reversed_gradient:
+            head_input = gradient_reversal(features, self.reversal_coefficient()).float()
+        else:
+            head_input = features.detach().float() if objective.encoder_loss is not None else features.float()
+        logits = head(head_input).reshape(-1, self.num_classes)
+        labels = labels.reshape(-1)
         if logits.shape[0] != labels.shape[0]:
             raise XAIConfigurationError(
-                f"{self._where}: batch[{self.concept_key!r}] holds {labels.shape[0]} labels for {logits.shape[0]} "
+                f"{self.where}: batch[{self.concept_key!r}] holds {labels.shape[0]} labels for {logits.shape[0]} "
                 f"head outputs (pooling={self.pooling!r}); give one label per example, or per token with "
                 "pooling='none' (-100 for tokens without a label)."
             )
@@ -210,51 +216,41 @@ class ConceptHead(LossTerm):
         if not bool(labelled.any()):
             return logits.sum() * 0.0  # keeps the head in the graph, so DDP sees its gradients
         loss = F.cross_entropy(logits[labelled], labels[labelled])
-        if objective == "decorrelation":
-            # zero cross-covariance between features and concept is linear guardedness (Belrose et al. 2023):
-            # no linear probe can then beat the majority class
-            condition_key = self.condition_key
-            condition = None
-            if condition_key is not None:
-                condition = torch.as_tensor(context.get(condition_key, self._where), device=features.device)
-                condition = condition.long().reshape(-1)
-                if condition.shape[0] != labels.shape[0]:
-                    raise XAIConfigurationError(
-                        f"{self._where}: batch[{condition_key!r}] holds {condition.shape[0]} values for "
-                        f"{labels.shape[0]} concept labels; give one per labelled row."
-                    )
-                condition = condition[labelled]
-            loss = loss + self.reversal_coefficient() * self._decorrelation(features, labels, labelled, condition)
-        elif confusion:
-            # the encoder is pushed towards features on which the (frozen) head predicts uniformly
-            frozen = {name: p.detach() for name, p in head.named_parameters()}
-            encoder_logits = torch.func.functional_call(head, frozen, (features.float(),)).reshape(-1, self.num_classes)
-            uniform = torch.full_like(encoder_logits[labelled], 1.0 / self.num_classes)
-            loss = loss + self.reversal_coefficient() * F.cross_entropy(encoder_logits[labelled], uniform)
-        with torch.no_grad():
-            self.correct += int((logits[labelled].argmax(1) == labels[labelled]).sum())
-            self.counted += int(labelled.sum())
-            accuracy = (logits[labelled].argmax(1) == labels[labelled]).float().mean()
-        log = pl_module.log  # type: ignore[attr-defined]
-        log(
-            f"concept/{self.term_name}/accuracy",
-            accuracy,
-            on_step=False,
-            on_epoch=True,
-            sync_dist=True,
-            batch_size=int(labelled.sum()),
-        )
-        log(
-            f"concept/{self.term_name}/loss",
-            loss.detach(),
-            on_step=False,
-            on_epoch=True,
-            sync_dist=True,
-            batch_size=int(labelled.sum()),
-        )
+        if objective.encoder_loss is not None:
+            encoder_loss = objective.encoder_loss(self, head, features, labels, labelled, context)
+            loss = loss + self.reversal_coefficient() * encoder_loss
+        self._log_head(pl_module, logits[labelled].detach(), labels[labelled], loss.detach())
         return loss
 
-    def _decorrelation(
+    def _log_head(self, pl_module: XAIMixin, logits: Tensor, labels: Tensor, loss: Tensor) -> None:
+        correct = logits.argmax(1) == labels
+        self.correct += int(correct.sum())
+        self.counted += int(labels.numel())
+        log = pl_module.log  # type: ignore[attr-defined]
+        for key, value in (("accuracy", correct.float().mean()), ("loss", loss)):
+            log(
+                f"concept/{self.term_name}/{key}",
+                value,
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
+                batch_size=int(labels.numel()),
+            )
+
+    def condition(self, context: StepContext, labels: Tensor, labelled: Tensor) -> Tensor | None:
+        """The labelled rows' values of the control concept ``condition_key`` (``None`` without one)."""
+        if self.condition_key is None:
+            return None
+        condition = torch.as_tensor(context.get(self.condition_key, self.where), device=labels.device)
+        condition = condition.long().reshape(-1)
+        if condition.shape[0] != labels.shape[0]:
+            raise XAIConfigurationError(
+                f"{self.where}: batch[{self.condition_key!r}] holds {condition.shape[0]} values for "
+                f"{labels.shape[0]} concept labels; give one per labelled row."
+            )
+        return condition[labelled]
+
+    def decorrelation(
         self, features: Tensor, labels: Tensor, labelled: Tensor, condition: Tensor | None = None
     ) -> Tensor:
         """Sum of squared feature-concept covariances over the feature variances, on this batch.
@@ -288,6 +284,55 @@ def _normalized_covariance(features: Tensor, onehot: Tensor) -> Tensor:
     covariance = centred.T @ (onehot - onehot.mean(0)) / max(features.shape[0] - 1, 1)
     variance = centred.pow(2).mean(0).detach().clamp_min(1e-6)
     return (covariance.pow(2) / variance[:, None]).sum()
+
+
+def _confusion_loss(
+    head_callback: ConceptHead,
+    head: nn.Module,
+    features: Tensor,
+    labels: Tensor,
+    labelled: Tensor,
+    context: StepContext,
+) -> Tensor:
+    """The encoder is pushed towards features on which the (frozen) head predicts uniformly (Tzeng et al. 2015)."""
+    frozen = {name: p.detach() for name, p in head.named_parameters()}
+    logits = torch.func.functional_call(head, frozen, (features.float(),)).reshape(-1, head_callback.num_classes)
+    uniform = torch.full_like(logits[labelled], 1.0 / head_callback.num_classes)
+    return F.cross_entropy(logits[labelled], uniform)
+
+
+def _decorrelation_loss(
+    head_callback: ConceptHead,
+    head: nn.Module,
+    features: Tensor,
+    labels: Tensor,
+    labelled: Tensor,
+    context: StepContext,
+) -> Tensor:
+    """Zero cross-covariance between features and concept: linear guardedness (Belrose et al. 2023)."""
+    condition = head_callback.condition(context, labels, labelled)
+    return head_callback.decorrelation(features, labels, labelled, condition)
+
+
+EncoderLoss = Callable[[ConceptHead, nn.Module, Tensor, Tensor, Tensor, StepContext], Tensor]
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """What a head's layer is pushed towards, besides the head learning to predict the concept."""
+
+    #: the head's gradient reaches the layer reversed (DANN); otherwise as is, or not at all
+    reversed_gradient: bool = False
+    #: a loss of the layer's own, scaled by the reversal strength; the head then learns on detached features
+    encoder_loss: EncoderLoss | None = None
+
+
+OBJECTIVES: dict[str, _Objective] = {
+    "none": _Objective(),
+    "reversal": _Objective(reversed_gradient=True),
+    "confusion": _Objective(encoder_loss=_confusion_loss),
+    "decorrelation": _Objective(encoder_loss=_decorrelation_loss),
+}
 
 
 def strip_concept_heads(checkpoint: dict[str, Any] | str, output_path: str | None = None) -> dict[str, Any]:

@@ -1,15 +1,14 @@
-"""Shared by the fairness callbacks: protected attributes from the batch and model outputs from a hook."""
+"""Shared by the fairness callbacks: the protected attributes of a batch and the names of their cells."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_xai.errors import GroupValueError, MissingBatchKeyError, XAIConfigurationError
-from lightning_xai.mixin import XAIMixin
 
 
 def check_attributes(attributes: Sequence[str], num_values: Sequence[int], where: str) -> None:
@@ -73,73 +72,3 @@ def read_groups(data: Mapping[str, Any], attributes: Sequence[str], groups_key: 
         f"(N, {len(attributes)}), but the batch has the keys {sorted(data)}. Add them to your batches (a dict, or "
         "a third tuple element {'sex': ..., 'race': ...}) or override xai_batch() on your LightningModule."
     )
-
-
-def batch_view(pl_module: nn.Module, batch: Any, where: str) -> Mapping[str, Any]:
-    """The batch contract's mapping: ``xai_batch`` for an XAIMixin; dicts and ``(x, y[, extras])`` otherwise."""
-    if isinstance(pl_module, XAIMixin):
-        return pl_module.xai_batch(batch)
-    if isinstance(batch, Mapping):
-        return batch
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        extras = batch[2] if len(batch) > 2 and isinstance(batch[2], Mapping) else {}
-        return {"input": batch[0], "target": batch[1], **extras}
-    raise XAIConfigurationError(
-        f"{where} cannot read a {type(batch).__name__} batch; subclass XAIMixin and override xai_batch()."
-    )
-
-
-def logits_of(output: Any) -> Tensor | None:
-    """The logits in a module output: a tensor, a Hugging Face ``ModelOutput`` (``.logits``), a tuple's first."""
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    return None
-
-
-def named_submodule(pl_module: nn.Module, name: str, where: str) -> nn.Module:
-    """``pl_module.get_submodule(name)``, or an error that lists the submodules there are."""
-    try:
-        return pl_module.get_submodule(name)
-    except AttributeError:
-        names = [n for n, _ in pl_module.named_modules() if n]
-        raise XAIConfigurationError(
-            f"{where}: {type(pl_module).__name__} has no submodule {name!r}; its submodules include "
-            f"{names[:25]}{' ...' if len(names) > 25 else ''}."
-        ) from None
-
-
-def output_module(pl_module: nn.Module, output_layer: str | None, where: str) -> nn.Module:
-    """The module whose output are the logits: ``output_layer``, or the LightningModule itself."""
-    return pl_module if output_layer is None else named_submodule(pl_module, output_layer, where)
-
-
-def forward_logits(model: nn.Module, inputs: Tensor, where: str) -> Tensor:
-    """Logits of ``model`` on ``inputs`` without gradients: ``xai_forward`` for an XAIMixin, else ``model(inputs)``."""
-    with torch.no_grad():
-        output = model.xai_forward(inputs) if isinstance(model, XAIMixin) else model(inputs)
-    logits = logits_of(output)
-    if logits is None:
-        raise XAIConfigurationError(
-            f"{where}: {type(model).__name__} returned {type(output).__name__}, not logits; override xai_forward()."
-        )
-    return logits
-
-
-def capture_outputs(module: nn.Module, batch_size: Callable[[], int | None], store: dict[str, Any], key: str):
-    """Hooks ``module``; keeps its first output whose leading dimension is the batch size. Returns the remover."""
-
-    def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-        if key in store:
-            return
-        logits = logits_of(output)
-        if logits is not None and logits.dim() >= 1 and logits.shape[0] == batch_size():
-            store[key] = logits
-
-    return module.register_forward_hook(hook).remove

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_xai.callbacks._distributed import destroy_gloo_group_at_exit
-from lightning_xai.errors import MissingMixinError, XAIConfigurationError
-from lightning_xai.mixin import StepContext, XAIMixin
+from lightning_xai._contract import StepContext
+from lightning_xai._lightning import LightningModule, Trainer
+from lightning_xai.callbacks._base import XAICallback
+from lightning_xai.errors import XAIConfigurationError
+from lightning_xai.mixin import XAIMixin
 
 Schedule = Literal["constant", "linear_warmup", "dann"]
 
@@ -40,11 +40,12 @@ def schedule_factor(schedule: Schedule, step: int, total_steps: float, warmup_st
     raise XAIConfigurationError(f"schedule must be 'constant', 'linear_warmup' or 'dann', got {schedule!r}.")
 
 
-class LossTerm(Callback):
+class LossTerm(XAICallback):
     """A callback that declares a weighted loss term; :class:`~lightning_xai.XAIMixin` adds it to the loss.
 
-    Subclasses implement :meth:`compute_term`. The weight follows ``schedule`` over optimizer steps; the
-    counters and any random state live in :meth:`state_dict` and survive checkpoint resume.
+    Subclasses implement :meth:`compute_term` (and :meth:`prepare_step` to hook into the step's forward). The
+    weight follows ``schedule`` over optimizer steps; the counters and any random state live in
+    :meth:`state_dict` and survive checkpoint resume.
 
     Args:
         weight: the term's weight at full schedule.
@@ -52,15 +53,26 @@ class LossTerm(Callback):
         warmup_steps: optimizer steps of the linear warm-up.
         name: the term's name in logs (``xai/<name>``) and in its ``state_key``; two terms of one trainer need
             distinct names (Lightning refuses duplicate state keys).
+        prog_bar: show ``xai/<name>`` on the progress bar (``xai/total`` is there unless the module sets
+            ``xai_prog_bar = False``).
     """
 
+    #: how XAIMixin recognises its loss terms among the trainer's callbacks
+    xai_loss_term: ClassVar[bool] = True
+    mixin_use: ClassVar[str] = "adds a loss term"
+    requires_mixin: ClassVar[bool] = True
     #: the term differentiates the logits of the step's own forward pass with respect to the input
     reuses_step_forward: bool = False
 
     def __init__(
-        self, weight: float = 1.0, schedule: Schedule = "constant", warmup_steps: int = 0, name: str | None = None
+        self,
+        weight: float = 1.0,
+        schedule: Schedule = "constant",
+        warmup_steps: int = 0,
+        name: str | None = None,
+        prog_bar: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(name=name)
         if weight < 0 or not math.isfinite(weight):
             raise XAIConfigurationError(f"{type(self).__name__}: weight must be a finite number >= 0, got {weight}.")
         schedule_factor(schedule, 0, 1.0, warmup_steps)  # validates the name early
@@ -71,32 +83,27 @@ class LossTerm(Callback):
         self.weight = float(weight)
         self.schedule: Schedule = schedule
         self.warmup_steps = int(warmup_steps)
-        self._name = name
+        self.prog_bar = bool(prog_bar)
         self.steps_seen = 0
         self.steps_skipped = 0
         self.last_weight = 0.0
 
     @property
     def term_name(self) -> str:
-        return self._name or self.default_name()
+        """The term's name: ``xai/<term_name>`` in the logs (the same as :attr:`name`)."""
+        return self.name
 
-    def default_name(self) -> str:
-        return type(self).__name__.lower()
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(name=self.term_name)
-
-    def current_weight(self, trainer: pl.Trainer) -> float:
-        factor = schedule_factor(
+    def schedule_factor(self, trainer: Trainer) -> float:
+        return schedule_factor(
             self.schedule, trainer.global_step, trainer.estimated_stepping_batches, self.warmup_steps
         )
-        self.last_weight = self.weight * factor
+
+    def current_weight(self, trainer: Trainer) -> float:
+        self.last_weight = self.weight * self.schedule_factor(trainer)
         return self.last_weight
 
-    def prepare_step(self, pl_module: XAIMixin, context: StepContext) -> Callable[[], None] | None:
-        """Called before the user's ``training_step``; may install hooks and return their remover."""
-        return None
+    def prepare_step(self, pl_module: XAIMixin, context: StepContext) -> None:
+        """Called before the user's ``training_step``; may hook into its forward (``context.capture``)."""
 
     def compute_term(self, pl_module: XAIMixin, context: StepContext) -> Tensor:
         """The unweighted term for this step (a scalar tensor connected to the parameters)."""
@@ -104,22 +111,19 @@ class LossTerm(Callback):
 
     # ----------------------------------------------------------------- Lightning hooks
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        destroy_gloo_group_at_exit()
-        if not isinstance(pl_module, XAIMixin):
-            raise MissingMixinError(
-                f"{type(self).__name__} adds a loss term, but {type(pl_module).__name__} does not subclass "
-                f"XAIMixin. Fix: `class {type(pl_module).__name__}(XAIMixin, LightningModule): ...` "
-                "(from lightning_xai import XAIMixin)."
-            )
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.schedule == "dann" and not math.isfinite(trainer.estimated_stepping_batches):
             raise XAIConfigurationError(
                 f"{type(self).__name__}(schedule='dann') needs the length of training: set max_epochs or max_steps."
             )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"steps_seen": self.steps_seen, "steps_skipped": self.steps_skipped, "last_weight": self.last_weight}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps_seen = int(state_dict.get("steps_seen", 0))
         self.steps_skipped = int(state_dict.get("steps_skipped", 0))

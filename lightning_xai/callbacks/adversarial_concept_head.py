@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import pytorch_lightning as pl
+from typing_extensions import override
 
-from lightning_xai.callbacks._concept_head import ConceptHead
-from lightning_xai.callbacks._loss_term import Schedule, schedule_factor
+from lightning_xai._lightning import Trainer
+from lightning_xai.callbacks._concept_head import OBJECTIVES, ConceptHead
+from lightning_xai.callbacks._loss_term import Schedule
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional.concepts import Pooling
 
@@ -56,6 +57,7 @@ class AdversarialConceptHead(ConceptHead):
             correlated with the treated one: covariances are taken within its strata, so the encoder may keep
             what the control concept explains while forgetting the rest of the treated concept.
         name: log name and state key; default ``"<concept_key>_adversary"``.
+        prog_bar: show ``xai/<name>`` on the progress bar.
 
     Examples:
         >>> head = AdversarialConceptHead(layer="encoder.layer.1", concept_key="gender", num_classes=2)
@@ -80,6 +82,7 @@ class AdversarialConceptHead(ConceptHead):
         objective: Literal["reversal", "confusion", "decorrelation"] = "reversal",
         condition_key: str | None = None,
         name: str | None = None,
+        prog_bar: bool = False,
     ) -> None:
         super().__init__(
             layer=layer,
@@ -94,8 +97,9 @@ class AdversarialConceptHead(ConceptHead):
             selector=selector,
             attention_mask_key=attention_mask_key,
             name=name,
+            prog_bar=prog_bar,
         )
-        if objective not in ("reversal", "confusion", "decorrelation"):
+        if objective not in OBJECTIVES or objective == "none":
             raise XAIConfigurationError(
                 f"objective must be 'reversal', 'confusion' or 'decorrelation', got {objective!r}."
             )
@@ -108,14 +112,13 @@ class AdversarialConceptHead(ConceptHead):
         self.reversal = float(reversal)
         self._reversal_now = 0.0
 
-    def current_weight(self, trainer: pl.Trainer) -> float:
+    @override
+    def current_weight(self, trainer: Trainer) -> float:
         # the head always learns at full weight; the schedule ramps up what the encoder is told to unlearn
-        factor = schedule_factor(
-            self.schedule, trainer.global_step, trainer.estimated_stepping_batches, self.warmup_steps
-        )
-        self._reversal_now = self.reversal * factor
+        self._reversal_now = self.reversal * self.schedule_factor(trainer)
         self.last_weight = self.weight
         return self.weight
 
+    @override
     def reversal_coefficient(self) -> float:
         return self._reversal_now

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
+from lightning_xai._contract import require_logits
+from lightning_xai._lightning import LightningModule, Trainer
 from lightning_xai.attribution.methods import attribute
-from lightning_xai.callbacks._distributed import destroy_gloo_group_at_exit
-from lightning_xai.errors import MissingBatchKeyError, MissingMixinError, XAIConfigurationError
+from lightning_xai.callbacks._base import EpochMetricCallback, Stage, picture_cadence
+from lightning_xai.errors import MissingBatchKeyError, XAIConfigurationError
 from lightning_xai.masks import masks_from_annotations
 from lightning_xai.mixin import XAIMixin
 
@@ -55,8 +56,11 @@ class _Logits(nn.Module):
         if self.batch is None:
             return self.pl_module.xai_forward(inputs)
         if extra:
-            return self.pl_module.xai_forward_from_embeddings(inputs, {**self.batch, **dict(zip(self.keys, extra))})
-        return self.pl_module.xai_forward_from_embeddings(inputs, _interleaved(self.batch, inputs.shape[0]))
+            batch = {**self.batch, **dict(zip(self.keys, extra))}
+        else:
+            batch = _interleaved(self.batch, inputs.shape[0])
+        output = self.pl_module.xai_forward_from_embeddings(inputs, batch)
+        return require_logits(output, "AttributionMetrics", self.pl_module.xai_logits_key)
 
 
 def _interleaved(batch: Mapping[str, Any], rows: int) -> dict[str, Any]:
@@ -71,11 +75,13 @@ def _interleaved(batch: Mapping[str, Any], rows: int) -> dict[str, Any]:
     }
 
 
-class AttributionMetrics(Callback):
-    """Computes attribution-quality metrics on a fixed probe set at the end of validation epochs.
+class AttributionMetrics(EpochMetricCallback):
+    """Computes attribution-quality metrics on a fixed probe set at the end of validation and test epochs.
 
     The probe set (``num_samples`` samples drawn with ``seed`` from the validation loader, or from
-    ``dataset``) is explained with ``method`` and every metric is logged as ``attr/<name>/<metric>``.
+    ``dataset``) is explained with ``method`` and every metric is logged as ``attr/<name>/<metric>``. Under
+    ``trainer.test()`` the probe comes from the test loader (or ``dataset``) and the keys are
+    ``test/attr/<name>/<metric>``.
     It works inside ``fit`` (validation runs under ``no_grad``) and ``trainer.validate()`` (inference
     mode): attributions are computed on a clone inside ``torch.inference_mode(False)`` and
     ``torch.enable_grad()``, with the model in eval mode and its modes restored afterwards. Sanity-check
@@ -98,8 +104,8 @@ class AttributionMetrics(Callback):
             ``region_attribution_mass`` and ``rationale_agreement`` read ``mask_key``.
         num_samples: probe-set size.
         every_n_epochs: compute every this many epochs.
-        log_images: log heatmaps (images) or highlighted tokens (text) through the trainer's loggers.
-        images_every_n_epochs: log pictures on every this many computations (rendering costs time too).
+        pictures_every_n_epochs: log heatmaps (images) or highlighted tokens (text) through the trainer's
+            loggers on the first computation and every this many after it (rendering costs time too); 0 never.
         num_images: how many probe samples the pictures show.
         mask_key: batch key of the region masks (forbidden regions or rationales).
         method_kwargs: options of the attribution method (``n_steps``, ``patch_size``, ...).
@@ -111,6 +117,8 @@ class AttributionMetrics(Callback):
         token_decoder: turns a row of token ids into strings for the text pictures.
         dataset: draw the probe set from this dataset instead of the validation loader. Without a
             validation loop the metrics are then computed at the end of training epochs.
+        log_images: deprecated; ``log_images=False`` is ``pictures_every_n_epochs=0``.
+        images_every_n_epochs: deprecated name of ``pictures_every_n_epochs``.
 
     Examples:
         >>> callback = AttributionMetrics(method="saliency", metrics=["comprehensiveness"], num_samples=16)
@@ -119,6 +127,7 @@ class AttributionMetrics(Callback):
     """
 
     METRICS = METRICS
+    requires_mixin: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -126,8 +135,7 @@ class AttributionMetrics(Callback):
         metrics: list[str] | None = None,
         num_samples: int = 32,
         every_n_epochs: int = 1,
-        log_images: bool = True,
-        images_every_n_epochs: int = 5,
+        pictures_every_n_epochs: int = 5,
         num_images: int = 8,
         mask_key: str = "mask",
         method_kwargs: dict[str, Any] | None = None,
@@ -138,54 +146,53 @@ class AttributionMetrics(Callback):
         seed: int = 0,
         token_decoder: Callable[[list[int]], list[str]] | None = None,
         dataset: Dataset | None = None,
+        log_images: bool | None = None,
+        images_every_n_epochs: int | None = None,
     ) -> None:
-        super().__init__()
+        pictures_every_n_epochs = picture_cadence(
+            "AttributionMetrics",
+            pictures_every_n_epochs,
+            log_images=log_images,
+            images_every_n_epochs=images_every_n_epochs,
+        )
+        super().__init__(name=name, every_n_epochs=every_n_epochs, pictures_every_n_epochs=pictures_every_n_epochs)
         self.metrics = list(DEFAULT_METRICS if metrics is None else metrics)
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
             raise XAIConfigurationError(f"AttributionMetrics: unknown metrics {unknown}; available: {sorted(METRICS)}.")
-        if min(num_samples, every_n_epochs, batch_size, images_every_n_epochs) < 1:
-            raise XAIConfigurationError(
-                "AttributionMetrics: num_samples, every_n_epochs, images_every_n_epochs and batch_size must be >= 1."
-            )
+        if min(num_samples, batch_size) < 1:
+            raise XAIConfigurationError("AttributionMetrics: num_samples and batch_size must be >= 1.")
         if target not in ("label", "prediction"):
             raise XAIConfigurationError(f"AttributionMetrics: target must be 'label' or 'prediction', got {target!r}.")
         self.method = method
         self.num_samples = num_samples
-        self.every_n_epochs = every_n_epochs
-        self.log_images = log_images
-        self.images_every_n_epochs = images_every_n_epochs
         self.num_images = num_images
         self.mask_key = mask_key
         self.method_kwargs = dict(method_kwargs or {})
         self.metric_kwargs = {k: dict(v) for k, v in (metric_kwargs or {}).items()}
         self.batch_size = batch_size
         self.target = target
-        self.prefix = name or method
         self.seed = seed
         self.token_decoder = token_decoder
         self.dataset = dataset
-        self._probe: dict[str, Any] | None = None
-        self.epochs_computed = 0
-        self.last_values: dict[str, float] = {}
+        self._probes: dict[Stage, dict[str, Any]] = {}
+
+    def default_name(self) -> str:
+        return self.method
 
     @property
-    def state_key(self) -> str:
-        return self._generate_state_key(name=self.prefix)
+    def log_prefix(self) -> str:
+        return f"attr/{self.name}"
 
     @property
     def _attribute_name(self) -> str:
-        return "xai_attribution_metrics_" + "".join(c if c.isalnum() else "_" for c in self.prefix)
+        return "xai_attribution_metrics_" + "".join(c if c.isalnum() else "_" for c in self.name)
 
     # ------------------------------------------------------------------------------------- setup
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        destroy_gloo_group_at_exit()
-        if not isinstance(pl_module, XAIMixin):
-            raise MissingMixinError(
-                f"AttributionMetrics reads batches through XAIMixin, but {type(pl_module).__name__} does not "
-                f"subclass it. Fix: `class {type(pl_module).__name__}(XAIMixin, LightningModule): ...`."
-            )
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if not hasattr(pl_module, self._attribute_name):
             metrics = {}
             for metric_name in self.metrics:
@@ -199,20 +206,21 @@ class AttributionMetrics(Callback):
             # A logged Metric must be an attribute of the LightningModule (device moves, DDP sync).
             pl_module.add_module(self._attribute_name, nn.ModuleDict(metrics))
 
-    def _metrics(self, pl_module: pl.LightningModule) -> nn.ModuleDict:
+    def _metrics(self, pl_module: LightningModule) -> nn.ModuleDict:
         return getattr(pl_module, self._attribute_name)
 
     # ------------------------------------------------------------------------------------- probe
 
-    def _build_probe(self, trainer: pl.Trainer, pl_module: XAIMixin) -> dict[str, Any]:
+    def _build_probe(self, trainer: Trainer, pl_module: XAIMixin, stage: Stage) -> dict[str, Any]:
         if self.dataset is not None:
             loader = DataLoader(self.dataset, batch_size=self.batch_size)
         else:
-            loaders = trainer.val_dataloaders
+            loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
             loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
         if loader is None:
+            which = "test" if stage == "test" else "validation"
             raise XAIConfigurationError(
-                "AttributionMetrics draws its probe set from the validation loader, and there is none: give one to "
+                f"AttributionMetrics draws its probe set from the {which} loader, and there is none: give one to "
                 "the Trainer, or pass dataset= to the callback."
             )
         pool: list[Mapping[str, Any]] = []
@@ -261,27 +269,22 @@ class AttributionMetrics(Callback):
 
     # ------------------------------------------------------------------------------------- hooks
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Without a validation loop the validation hooks never run: a given dataset is probed here instead.
         if self.dataset is not None and not trainer.val_dataloaders:
-            self._compute(trainer, pl_module)
+            self._epoch_end(trainer, pl_module, "validate")
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        self._compute(trainer, pl_module)
-
-    def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs != 0:
-            return
+    @override
+    def epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: Stage) -> None:
         assert isinstance(pl_module, XAIMixin)
         with torch.inference_mode(False), torch.enable_grad():
-            if self._probe is None:
-                self._probe = self._build_probe(trainer, pl_module)
+            if stage not in self._probes:
+                self._probes[stage] = self._build_probe(trainer, pl_module, stage)
             modes = {module: module.training for module in pl_module.modules()}
             pl_module.eval()
             try:
-                pictures = self._update_metrics(pl_module)
+                pictures = self._update_metrics(pl_module, self._probes[stage])
             finally:
                 for module, mode in modes.items():
                     module.training = mode
@@ -290,19 +293,13 @@ class AttributionMetrics(Callback):
             for metric_name, metric in self._metrics(pl_module).items():
                 values[metric_name] = metric.compute()  # collective under DDP: every rank computes
                 metric.reset()
-        self.last_values = {name: float(value) for name, value in values.items()}
-        for metric_name, value in values.items():
-            pl_module.log(f"attr/{self.prefix}/{metric_name}", value.float(), on_epoch=True, sync_dist=False)
-        self.epochs_computed += 1
-        pictures_due = (self.epochs_computed - 1) % self.images_every_n_epochs == 0
-        if self.log_images and pictures_due and trainer.is_global_zero and trainer.loggers and pictures is not None:
-            self._log_pictures(trainer, *pictures)
+        self.log_values(pl_module, values, stage)
+        if pictures is not None and self.pictures_due(trainer, stage):
+            self.log_pictures(trainer, self._log_pictures, stage, *pictures)
 
-    def _update_metrics(self, pl_module: XAIMixin) -> tuple[Tensor, Tensor, Tensor | None] | None:
-        assert self._probe is not None
+    def _update_metrics(self, pl_module: XAIMixin, probe: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor] | None:
         device = next(iter(pl_module.parameters())).device  # type: ignore[attr-defined]
         metrics = self._metrics(pl_module)
-        probe = self._probe
         total = probe["input"].shape[0]
         pictures = None
         for start in range(0, total, self.batch_size):
@@ -349,14 +346,16 @@ class AttributionMetrics(Callback):
                 pictures = (raw_inputs[shown].detach().cpu(), attributions[shown].cpu(), target[shown].cpu())
         return pictures
 
-    def _log_pictures(self, trainer: pl.Trainer, inputs: Tensor, attributions: Tensor, target: Tensor) -> None:
+    def _log_pictures(
+        self, trainer: Trainer, stage: Stage, inputs: Tensor, attributions: Tensor, target: Tensor
+    ) -> None:
         from lightning_xai import loggers, visualization
 
         step = trainer.global_step
         titles = [f"class {int(t)}" for t in target]
         if inputs.is_floating_point() and inputs.dim() >= 3:
             image = visualization.render_heatmaps(inputs, attributions, titles=titles, max_images=self.num_images)
-            loggers.log_image(trainer, f"attr/{self.prefix}/heatmaps", image, step=step)
+            loggers.log_image(trainer, self.key("heatmaps", stage), image, step=step)
         elif not inputs.is_floating_point():
             scores = attributions.sum(-1)
             decode = self.token_decoder or (lambda ids: [str(i) for i in ids])
@@ -365,19 +364,10 @@ class AttributionMetrics(Callback):
                 f"<p>{visualization.highlight_tokens_html(tokens, row.tolist())}</p>"
                 for tokens, row in zip(rows, scores)
             )
-            loggers.log_html(trainer, f"attr/{self.prefix}/tokens", html, step=step)
+            loggers.log_html(trainer, self.key("tokens", stage), html, step=step)
             loggers.log_image(
                 trainer,
-                f"attr/{self.prefix}/tokens",
+                self.key("tokens", stage),
                 visualization.render_tokens_png(rows, [s.tolist() for s in scores]),
                 step=step,
             )
-
-    # ------------------------------------------------------------------------------------- state
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epochs_computed": self.epochs_computed, "last_values": dict(self.last_values)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.epochs_computed = int(state_dict.get("epochs_computed", 0))
-        self.last_values = dict(state_dict.get("last_values", {}))

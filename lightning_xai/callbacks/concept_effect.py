@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
+from typing_extensions import override
 
+from lightning_xai._contract import (
+    LOGITS_KEY,
+    batch_rows,
+    batch_view,
+    capture_output,
+    forward_logits,
+    logits_of,
+    named_submodule,
+    rows_of,
+)
+from lightning_xai._lightning import LightningModule, Trainer
+from lightning_xai.callbacks._base import EpochMetricCallback, Stage
 from lightning_xai.callbacks._concept_head import select_features
-from lightning_xai.callbacks._distributed import destroy_gloo_group_at_exit
-from lightning_xai.callbacks._fairness_common import batch_view, forward_logits, logits_of, named_submodule
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional.concepts import (
     Distance,
@@ -27,8 +35,8 @@ from lightning_xai.functional.concepts import (
 from lightning_xai.functional.fairness import as_probabilities
 
 
-class ConceptEffect(Callback):
-    """Measures, every validation epoch, how decodable a concept still is and how much it moves predictions.
+class ConceptEffect(EpochMetricCallback):
+    """Measures, every validation and test epoch, how decodable a concept still is and how much it moves predictions.
 
     During validation a forward hook reads ``layer``'s output (pooled as the concept heads pool it), the
     batch's ``concept_key`` labels and the module's predictions. At the end of the epoch the callback logs,
@@ -49,7 +57,7 @@ class ConceptEffect(Callback):
       ``<estimate>_high``.
 
     Under DDP the collected rows are gathered from all ranks before estimating, so every rank logs the
-    global values. The sanity check is skipped.
+    global values. The sanity check is skipped. Under ``trainer.test()`` the keys are ``test/concept/<name>/...``.
 
     Args:
         layer: dotted name of the submodule whose output is the representation to probe.
@@ -65,6 +73,7 @@ class ConceptEffect(Callback):
         max_probe_rows: the probe uses at most this many (first) rows.
         probe_seed: seed of the probe's train/held-out split.
         name: log name; default ``concept_key``.
+        every_n_epochs: compute every this many epochs of ``fit``.
 
     Examples:
         >>> callback = ConceptEffect(layer="encoder", concept_key="gender")
@@ -87,8 +96,9 @@ class ConceptEffect(Callback):
         max_probe_rows: int = 20000,
         probe_seed: int = 0,
         name: str | None = None,
+        every_n_epochs: int = 1,
     ) -> None:
-        super().__init__()
+        super().__init__(name=name, every_n_epochs=every_n_epochs, pictures_every_n_epochs=0)
         if distance not in ("tv", "class", "l2"):
             raise XAIConfigurationError(f"ConceptEffect: distance must be 'tv', 'class' or 'l2', got {distance!r}.")
         self.layer = layer
@@ -103,66 +113,50 @@ class ConceptEffect(Callback):
         self.attention_mask_key = attention_mask_key
         self.max_probe_rows = max_probe_rows
         self.probe_seed = probe_seed
-        self.name = name or concept_key
-        self.last_values: dict[str, float] = {}
         self._rows: dict[str, list[Tensor]] = {}
         self._store: dict[str, Any] = {}
-        self._remove: list[Callable[[], None]] = []
+
+    def default_name(self) -> str:
+        return self.concept_key
 
     @property
-    def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
+    def log_prefix(self) -> str:
+        return f"concept/{self.name}"
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        destroy_gloo_group_at_exit()
-        named_submodule(pl_module, self.layer, "ConceptEffect")
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        named_submodule(pl_module, self.layer, self.where)
         if self.reference_model is not None:
             self.reference_model.to(pl_module.device).eval()
 
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    @override
+    def epoch_start(self, trainer: Trainer, pl_module: LightningModule, stage: Stage) -> None:
         self._rows = {key: [] for key in ("features", "concept", "probs", "reference", "reference_cf", "self_cf")}
 
-    def on_validation_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if trainer.sanity_checking:
-            return
-        store: dict[str, Any] = {}
-        self._store = store
-        data = batch_view(pl_module, batch, "ConceptEffect")
-        store["data"] = data
-        inputs = data.get("input")
-        rows = inputs.shape[0] if isinstance(inputs, Tensor) else None
-
-        def layer_hook(_m: nn.Module, _a: tuple[Any, ...], output: Any) -> None:
-            store.setdefault("layer", output)
-
-        def root_hook(_m: nn.Module, _a: tuple[Any, ...], output: Any) -> None:
-            logits = logits_of(output)
-            if "logits" not in store and logits is not None and (rows is None or logits.shape[0] == rows):
-                store["logits"] = logits
-
-        self._remove = [
-            pl_module.get_submodule(self.layer).register_forward_hook(layer_hook).remove,
-            pl_module.register_forward_hook(root_hook).remove,
-        ]
+    @override
+    def batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, stage: Stage) -> None:
+        data = batch_view(pl_module, batch)
+        self._store = store = {"data": data}
+        key = getattr(pl_module, "xai_logits_key", LOGITS_KEY)
+        rows = batch_rows(data)
+        self.hooks.append(capture_output(pl_module.get_submodule(self.layer), store, "layer"))
+        self.hooks.append(
+            capture_output(
+                pl_module,
+                store,
+                "logits",
+                select=lambda output: logits_of(output, key),
+                accept=rows_of(lambda: rows) if rows is not None else None,
+            )
+        )
 
     def _forward(self, model: nn.Module, inputs: Tensor) -> Tensor:
-        return forward_logits(model, inputs, "ConceptEffect")
+        return forward_logits(model, inputs, self.where)
 
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        for remove in self._remove:
-            remove()
-        self._remove = []
-        if trainer.sanity_checking or "data" not in self._store:
+    @override
+    def batch_end(self, trainer: Trainer, pl_module: LightningModule, batch: Any, stage: Stage) -> None:
+        if "data" not in self._store:
             return
         store, data = self._store, self._store["data"]
         if self.concept_key not in data:
@@ -175,16 +169,14 @@ class ConceptEffect(Callback):
             if not isinstance(inputs, Tensor):
                 raise XAIConfigurationError("ConceptEffect: the batch has no tensor 'input' to run the model on.")
             captured: dict[str, Any] = {}
-            handle = pl_module.get_submodule(self.layer).register_forward_hook(
-                lambda _m, _a, out: captured.setdefault("layer", out)
-            )
+            handle = capture_output(pl_module.get_submodule(self.layer), captured, "layer")
             try:
                 logits = self._forward(pl_module, inputs)
             finally:
                 handle.remove()
             store.setdefault("logits", logits)
             store.setdefault("layer", captured.get("layer"))
-        features = select_features(store["layer"], self.selector, "ConceptEffect")
+        features = select_features(store["layer"], self.selector, self.where)
         mask = data.get(self.attention_mask_key)
         features = pool(features.detach().float(), self.pooling, mask if isinstance(mask, Tensor) else None)
         concept = torch.as_tensor(data[self.concept_key], device=features.device).long()
@@ -202,7 +194,7 @@ class ConceptEffect(Callback):
             rows["self_cf"].append(as_probabilities(self._forward(pl_module, counterfactual)))
         self._store = {}
 
-    def _gathered(self, pl_module: pl.LightningModule, key: str) -> Tensor | None:
+    def _gathered(self, pl_module: LightningModule, key: str) -> Tensor | None:
         parts = self._rows.get(key) or []
         trainer = pl_module.trainer
         local = torch.cat(parts) if parts else None
@@ -221,8 +213,9 @@ class ConceptEffect(Callback):
         gathered = pl_module.all_gather(padded)
         return torch.cat([gathered[rank, : int(n)] for rank, n in enumerate(counts.tolist())])
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not self._rows.get("features"):
+    @override
+    def epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: Stage) -> None:
+        if not self._rows.get("features"):
             return
         features = self._gathered(pl_module, "features")
         concept = self._gathered(pl_module, "concept")
@@ -251,6 +244,4 @@ class ConceptEffect(Callback):
             estimates["conexp"] = conexp(explained.cpu(), binary.bool(), **kwargs)
         for key, estimate in estimates.items():
             values[key], values[f"{key}_low"], values[f"{key}_high"] = estimate.value, estimate.low, estimate.high
-        for key, value in values.items():
-            pl_module.log(f"concept/{self.name}/{key}", float(value), on_epoch=True, sync_dist=False)
-        self.last_values = values
+        self.log_values(pl_module, values, stage)

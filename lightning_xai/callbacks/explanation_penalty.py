@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
-from lightning_xai.attribution.contextual_decomposition import decompose
+from lightning_xai._contract import StepContext, require_logits
+from lightning_xai._lightning import LightningModule, Trainer
+from lightning_xai.attribution.contextual_decomposition import decompose, returns_single_tensor
 from lightning_xai.callbacks._loss_term import LossTerm, Schedule
 from lightning_xai.errors import MaskShapeError, XAIConfigurationError
 from lightning_xai.functional._masks import broadcast_mask
@@ -20,13 +23,15 @@ from lightning_xai.functional.penalties import (
     cdep_penalty,
     expected_gradients_penalty,
     input_x_gradient_penalty,
+    math_attention,
     rrr_penalty,
 )
 from lightning_xai.masks import OccupancyMaskSampler, masks_from_annotations
-from lightning_xai.mixin import StepContext, XAIMixin
+from lightning_xai.mixin import XAIMixin
 
 Method = Literal["cdep", "rrr", "expected_gradients", "input_x_gradient"]
-_METHODS = ("cdep", "rrr", "expected_gradients", "input_x_gradient")
+# attention implementations of Hugging Face models whose kernels have no double backward and no math fallback
+_NO_DOUBLE_BACKWARD_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def _same_in_train_and_eval(module: nn.Module) -> bool:
@@ -43,6 +48,41 @@ def _same_in_train_and_eval(module: nn.Module) -> bool:
         if isinstance(submodule, nn.MultiheadAttention) and submodule.dropout > 0:
             return False
     return True
+
+
+def _observed_submodules(module: nn.Module) -> bool:
+    """Whether a forward of ``module`` that skips its submodules' ``__call__`` would be noticed.
+
+    Forward (pre-)hooks on a submodule (concept heads, an ``output_layer`` capture, a user's hook, old-style
+    ``weight_norm``/``spectral_norm``, which recompute the weight in a pre-hook) and global module hooks only
+    fire when the submodule is called. CDEP may replace the step's forward by the decomposition only where
+    nothing observes the submodules.
+    """
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return True
+    for child in module.modules():
+        if child is module:
+            continue
+        if child._forward_hooks or child._forward_pre_hooks or child._backward_hooks or child._backward_pre_hooks:
+            return True
+    return False
+
+
+def compiled(module: nn.Module) -> bool:
+    """Whether ``module`` or a submodule runs through ``torch.compile``.
+
+    Lightning's ``Trainer.fit(torch.compile(model))`` sets ``_compiler_ctx``; ``model.compile()`` sets
+    ``_compiled_call_impl``; ``self.net = torch.compile(net)`` leaves an ``OptimizedModule`` inside.
+    """
+    if getattr(module, "_compiler_ctx", None):
+        return True
+    optimized = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    optimized_type = getattr(optimized, "OptimizedModule", ())
+    return any(
+        getattr(m, "_compiled_call_impl", None) is not None or isinstance(m, optimized_type) for m in module.modules()
+    )
 
 
 @contextlib.contextmanager
@@ -74,12 +114,140 @@ def _rnn_without_onednn(module: nn.Module) -> Iterator[None]:
         torch.backends.mkldnn.enabled = previous
 
 
+@contextlib.contextmanager
+def _penalty_forward(module: nn.Module) -> Iterator[None]:
+    with _batch_norm_in_eval(module), _rnn_without_onednn(module), math_attention():
+        yield
+
+
 def _tile(value: Any, times: int, n: int) -> Any:
     if times == 1:
         return value
     if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
         return value.repeat(times, *([1] * (value.dim() - 1)))
     return value
+
+
+@dataclass
+class _Job:
+    """One step's work for a penalty: the explained inputs, their masks and the batch they came from."""
+
+    penalty: ExplanationPenalty
+    module: XAIMixin
+    context: StepContext
+    inputs: Tensor
+    mask: Tensor
+    sample_weights: Tensor | None
+    tiles: int
+
+    @property
+    def n(self) -> int:
+        return self.inputs.shape[0]
+
+    def target(self, required: bool) -> Tensor | None:
+        where = self.penalty.where
+        target = self.context.get("target", where) if required else self.context.data.get("target")
+        return None if target is None else _tile(target, self.tiles, self.n)
+
+    def tiled_data(self, times: int) -> Mapping[str, Any]:
+        if times == 1:
+            return self.context.data
+        return {k: _tile(v, times, self.n) for k, v in self.context.data.items()}
+
+    def differentiated(self) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """The tensor whose gradient the penalty takes (inputs or token embeddings) and the forward from it."""
+        if self.inputs.is_floating_point():
+            explained = _tile(self.inputs.detach() if self.tiles > 1 else self.inputs, self.tiles, self.n)
+            return explained, self.module.xai_forward
+        explained = self.module.xai_embed(_tile(self.inputs, self.tiles, self.n))
+        return explained, _from_embeddings(self.module, self.tiled_data(self.tiles))
+
+    def reused_logits(self, explained: Tensor) -> Tensor | None:
+        """The step's own logits on ``explained`` (saves a forward), when the step computed them."""
+        captured = self.context.captured_output
+        if captured is not None and self.tiles == 1 and explained is self.inputs and self.inputs.requires_grad:
+            return captured
+        return None
+
+
+def _cdep_term(job: _Job) -> Tensor:
+    penalty = job.penalty
+    target = job.target(required=penalty.cdep_variant == "text")
+    decomposition = job.context.cache.get(penalty.decomposition_key)
+    if decomposition is None:
+        inputs = job.inputs
+        explained = _tile(inputs.detach() if job.tiles > 1 else inputs, job.tiles, job.n)
+        decomposition = decompose(
+            job.module,  # type: ignore[arg-type]
+            explained if inputs.is_floating_point() else inputs.repeat(job.tiles, 1),
+            job.mask,
+            forward=job.module.xai_forward,
+        )
+    else:
+        penalty.steps_sharing_forward += 1
+    return cdep_penalty(
+        decomposition.relevant, decomposition.irrelevant, target, penalty.cdep_variant, job.sample_weights
+    )
+
+
+def _rrr_term(job: _Job) -> Tensor:
+    explained, forward = job.differentiated()
+    with _penalty_forward(job.module):  # type: ignore[arg-type]
+        return rrr_penalty(
+            forward, explained, job.mask, outputs=job.reused_logits(explained), sample_weights=job.sample_weights
+        )
+
+
+def _input_x_gradient_term(job: _Job) -> Tensor:
+    target = job.target(required=True)
+    explained, forward = job.differentiated()
+    with _penalty_forward(job.module):  # type: ignore[arg-type]
+        return input_x_gradient_penalty(
+            forward,
+            explained,
+            job.mask,
+            target,
+            outputs=job.reused_logits(explained),
+            norm=job.penalty.norm,
+            sample_weights=job.sample_weights,
+        )
+
+
+def _expected_gradients_term(job: _Job) -> Tensor:
+    penalty = job.penalty
+    target = job.target(required=True)
+    explained, forward = job.differentiated()
+    if penalty.num_references > 1 and not job.inputs.is_floating_point():
+        # the references are drawn per row of the tiled batch: the per-sample entries follow them
+        forward = _from_embeddings(job.module, job.tiled_data(job.tiles * penalty.num_references))
+    with _penalty_forward(job.module):  # type: ignore[arg-type]
+        return expected_gradients_penalty(
+            forward,
+            explained,
+            job.mask,
+            target,
+            penalty.num_references,
+            norm=penalty.norm,
+            sample_weights=job.sample_weights,
+            generator=penalty.generator,
+        )
+
+
+@dataclass(frozen=True)
+class _PenaltyMethod:
+    term: Callable[[_Job], Tensor]
+    #: differentiates input gradients, so it needs a double backward
+    double_backward: bool
+    #: can differentiate the logits of the step's own forward instead of running one
+    reuses_step_forward: bool = False
+
+
+PENALTY_METHODS: dict[str, _PenaltyMethod] = {
+    "cdep": _PenaltyMethod(_cdep_term, double_backward=False),
+    "rrr": _PenaltyMethod(_rrr_term, double_backward=True, reuses_step_forward=True),
+    "input_x_gradient": _PenaltyMethod(_input_x_gradient_term, double_backward=True, reuses_step_forward=True),
+    "expected_gradients": _PenaltyMethod(_expected_gradients_term, double_backward=True),
+}
 
 
 class ExplanationPenalty(LossTerm):
@@ -116,6 +284,13 @@ class ExplanationPenalty(LossTerm):
         norm: ``"l2"`` or ``"l1"`` for ``"expected_gradients"`` and ``"input_x_gradient"``.
         name: name of the term in the logs, ``xai/<name>``; defaults to the method.
         seed: seed of the penalty's random draws (Expected-Gradients references and path points).
+        prog_bar: show ``xai/<name>`` on the progress bar.
+
+    Composition: CDEP runs the step's forward through the decomposition only when nothing observes the
+    submodules (no forward hooks from other callbacks or the user, no old-style weight/spectral norm); otherwise
+    it decomposes separately and every hook fires as usual. The gradient methods run their forwards with the
+    math attention kernel (the one with a double backward) and refuse ``torch.compile`` in ``setup``; CDEP
+    trains compiled modules, decomposing the uncompiled module.
 
     Examples:
         >>> import pytorch_lightning as pl
@@ -138,10 +313,13 @@ class ExplanationPenalty(LossTerm):
         norm: Norm = "l2",
         name: str | None = None,
         seed: int = 0,
+        prog_bar: bool = False,
     ) -> None:
-        super().__init__(weight=weight, schedule=schedule, warmup_steps=warmup_steps, name=name)
-        if method not in _METHODS:
-            raise XAIConfigurationError(f"ExplanationPenalty: method must be one of {_METHODS}, got {method!r}.")
+        super().__init__(weight=weight, schedule=schedule, warmup_steps=warmup_steps, name=name, prog_bar=prog_bar)
+        if method not in PENALTY_METHODS:
+            raise XAIConfigurationError(
+                f"ExplanationPenalty: method must be one of {tuple(PENALTY_METHODS)}, got {method!r}."
+            )
         if mask is not None and mask_sampler is not None:
             raise XAIConfigurationError("ExplanationPenalty: give either a fixed `mask` or a `mask_sampler`, not both.")
         if cdep_variant not in ("image", "text", "shift_invariant"):
@@ -161,38 +339,55 @@ class ExplanationPenalty(LossTerm):
         self.norm: Norm = norm
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
-        self.reuses_step_forward = method in ("rrr", "input_x_gradient") and mask_sampler is None
+        self.reuses_step_forward = PENALTY_METHODS[method].reuses_step_forward and mask_sampler is None
         #: steps on which CDEP's decomposition doubled as the step's forward pass
         self.steps_sharing_forward = 0
+        self._shares_forward = False
 
     def default_name(self) -> str:
         return self.method
 
     @property
-    def _where(self) -> str:
+    def where(self) -> str:
         return f"ExplanationPenalty(method={self.method!r}, name={self.term_name!r})"
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    @property
+    def decomposition_key(self) -> tuple[int, str]:
+        return (id(self), "decomposition")
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        method = PENALTY_METHODS[self.method]
         if any(isinstance(m, nn.RNNBase) for m in pl_module.modules()):
             # The step's forward runs the fused oneDNN RNN, whose double backward is slow: a penalty forward
             # of its own on the native kernel is cheaper than reusing it.
             self.reuses_step_forward = False
-        if self.method != "cdep" and getattr(pl_module, "_compiler_ctx", None):
+        if method.double_backward and compiled(pl_module):
             raise XAIConfigurationError(
-                f"{self._where} differentiates input gradients (a double backward), which torch.compile does not "
-                "support. Train without torch.compile, or use method='cdep'."
+                f"{self.where} differentiates input gradients (a double backward), which torch.compile does not "
+                "support. Train the uncompiled module (compile a copy for inference), or use method='cdep', which "
+                "trains compiled modules."
             )
-        if self.method != "cdep":
+        if method.double_backward:
             for path, module in pl_module.named_modules():
                 attention = getattr(getattr(module, "config", None), "_attn_implementation", None)
-                if attention in ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"):
+                if attention in _NO_DOUBLE_BACKWARD_ATTENTION:
                     raise XAIConfigurationError(
-                        f"{self._where} needs a double backward through attention, but '{path or '<root>'}' uses "
+                        f"{self.where} needs a double backward through attention, but '{path or '<root>'}' uses "
                         f"attn_implementation={attention!r}, whose kernels have no double backward. Build the "
-                        "model with attn_implementation='eager' (from_pretrained(..., attn_implementation='eager') "
-                        "or config._attn_implementation = 'eager')."
+                        "model with attn_implementation='sdpa' or 'eager' (from_pretrained(..., "
+                        "attn_implementation='sdpa') or config._attn_implementation = 'sdpa'); the penalty runs "
+                        "SDPA on its math kernel."
                     )
+        # The decomposition can stand in for the step's forward only where it computes the same function: the
+        # default xai_forward of an uncompiled module that returns one tensor.
+        self._shares_forward = (
+            self.method == "cdep"
+            and type(pl_module).xai_forward is XAIMixin.xai_forward
+            and not compiled(pl_module)
+            and returns_single_tensor(pl_module)
+        )
 
     # ----------------------------------------------------------------- masks
 
@@ -212,36 +407,44 @@ class ExplanationPenalty(LossTerm):
             try:
                 return broadcast_mask(self.mask.to(inputs.device), inputs), None, 1
             except MaskShapeError as error:
-                raise MaskShapeError(f"{self._where}, fixed mask: {error}") from None
-        annotation = context.get(self.mask_key, self._where)
+                raise MaskShapeError(f"{self.where}, fixed mask: {error}") from None
+        annotation = context.get(self.mask_key, self.where)
         try:
             mask, annotated = masks_from_annotations(annotation, inputs)
         except MaskShapeError as error:
-            raise MaskShapeError(f"{self._where}, batch key {self.mask_key!r}: {error}") from None
+            raise MaskShapeError(f"{self.where}, batch key {self.mask_key!r}: {error}") from None
         return mask, annotated, 1
 
     # ----------------------------------------------------------------- sharing the step's forward
 
-    def prepare_step(self, pl_module: XAIMixin, context: StepContext) -> Callable[[], None] | None:
+    @override
+    def prepare_step(self, pl_module: XAIMixin, context: StepContext) -> None:
         """For CDEP, runs the user's ``self(x)`` through the decomposition and returns its total stream.
 
-        When the network behaves the same in train and eval mode, the decomposition's total stream *is* the
-        step's forward pass: the task loss and the penalty then share one forward and one backward, and
-        CDEP costs one extra (relevant) stream instead of two.
+        When the network behaves the same in train and eval mode and nothing observes its submodules, the
+        decomposition's total stream *is* the step's forward pass: the task loss and the penalty then share one
+        forward and one backward, and CDEP costs one extra (relevant) stream instead of two.
         """
-        if self.method != "cdep" or type(pl_module).xai_forward is not XAIMixin.xai_forward:
-            return None
+        if not self._shares_forward:
+            return
         inputs = context.data.get("input")
         if not isinstance(inputs, Tensor) or not _same_in_train_and_eval(pl_module):  # type: ignore[arg-type]
-            return None
+            return
         mask, _, tiles = self._resolve_masks(context, inputs)
         if tiles != 1:
-            return None
-        key = (id(self), "decomposition")
+            return
+        key = self.decomposition_key
+        context.capture_keys.add(key)  # a second round of manual optimization decomposes again
         original_forward = pl_module.forward  # type: ignore[attr-defined]
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if key in context.cache or len(args) != 1 or kwargs or args[0] is not inputs:
+            if (
+                key in context.cache
+                or len(args) != 1
+                or kwargs
+                or args[0] is not inputs
+                or _observed_submodules(pl_module)  # type: ignore[arg-type]
+            ):
                 return original_forward(*args, **kwargs)
             decomposition = decompose(
                 pl_module,  # type: ignore[arg-type]
@@ -260,74 +463,26 @@ class ExplanationPenalty(LossTerm):
             else:  # another term wrapped ours: put the original back underneath it
                 pl_module.forward = original_forward  # type: ignore[method-assign]
 
-        return restore
+        context.hooks.append(restore)
 
     # ----------------------------------------------------------------- the term
 
+    @override
     def compute_term(self, pl_module: XAIMixin, context: StepContext) -> Tensor:
-        inputs = context.get("input", self._where)
+        inputs = context.get("input", self.where)
         if not isinstance(inputs, Tensor):
             raise XAIConfigurationError(
-                f"{self._where}: batch['input'] must be a tensor, got {type(inputs).__name__}; override xai_batch()."
+                f"{self.where}: batch['input'] must be a tensor, got {type(inputs).__name__}; override xai_batch()."
             )
-        needs_target = self.method in ("expected_gradients", "input_x_gradient") or self.cdep_variant == "text"
-        target = context.get("target", self._where) if needs_target else context.data.get("target")
         mask, sample_weights, tiles = self._resolve_masks(context, inputs)
         if sample_weights is not None and not bool(sample_weights.any()):
             return inputs.new_zeros((), dtype=torch.float)  # no annotated sample in this batch
-        n = inputs.shape[0]
-        tiled_inputs = _tile(inputs.detach() if tiles > 1 else inputs, tiles, n)
-        tiled_target = None if target is None else _tile(target, tiles, n)
-        if self.method == "cdep":
-            decomposition = context.cache.get((id(self), "decomposition"))
-            if decomposition is None:
-                decomposition = decompose(
-                    pl_module,  # type: ignore[arg-type]
-                    tiled_inputs if inputs.is_floating_point() else inputs.repeat(tiles, 1),
-                    mask,
-                    forward=pl_module.xai_forward,
-                )
-            else:
-                self.steps_sharing_forward += 1
-            return cdep_penalty(
-                decomposition.relevant, decomposition.irrelevant, tiled_target, self.cdep_variant, sample_weights
-            )
-
-        forward: Callable[[Tensor], Tensor]
-        if inputs.is_floating_point():
-            explained = tiled_inputs
-            forward = pl_module.xai_forward
-        else:
-            data = {k: _tile(v, tiles, n) for k, v in context.data.items()} if tiles > 1 else context.data
-            explained = pl_module.xai_embed(_tile(inputs, tiles, n))
-            forward = _from_embeddings(pl_module, data)
-
-        with _batch_norm_in_eval(pl_module), _rnn_without_onednn(pl_module):  # type: ignore[arg-type]
-            if self.method == "expected_gradients":
-                if self.num_references > 1 and not inputs.is_floating_point():
-                    data = {k: _tile(v, tiles * self.num_references, n) for k, v in context.data.items()}
-                    forward = _from_embeddings(pl_module, data)
-                return expected_gradients_penalty(
-                    forward,
-                    explained,
-                    mask,
-                    tiled_target,
-                    self.num_references,
-                    norm=self.norm,
-                    sample_weights=sample_weights,
-                    generator=self.generator,
-                )
-            outputs = None
-            if context.captured_output is not None and tiles == 1 and explained is inputs and inputs.requires_grad:
-                outputs = context.captured_output
-            if self.method == "rrr":
-                return rrr_penalty(forward, explained, mask, outputs=outputs, sample_weights=sample_weights)
-            return input_x_gradient_penalty(
-                forward, explained, mask, tiled_target, outputs=outputs, norm=self.norm, sample_weights=sample_weights
-            )
+        job = _Job(self, pl_module, context, inputs, mask, sample_weights, tiles)
+        return PENALTY_METHODS[self.method].term(job)
 
     # ----------------------------------------------------------------- state
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["generator"] = self.generator.get_state()
@@ -335,6 +490,7 @@ class ExplanationPenalty(LossTerm):
             state["mask_sampler"] = self.mask_sampler.state_dict()
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         if "generator" in state_dict:
@@ -345,6 +501,9 @@ class ExplanationPenalty(LossTerm):
 
 def _from_embeddings(pl_module: XAIMixin, data: Mapping[str, Any]) -> Callable[[Tensor], Tensor]:
     def forward(embeddings: Tensor) -> Tensor:
-        return pl_module.xai_forward_from_embeddings(embeddings, data)
+        output = pl_module.xai_forward_from_embeddings(embeddings, data)
+        return require_logits(
+            output, f"{type(pl_module).__name__}.xai_forward_from_embeddings", pl_module.xai_logits_key
+        )
 
     return forward

@@ -6,22 +6,22 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from lightning_utilities.core.rank_zero import rank_zero_info
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_xai.callbacks._distributed import destroy_gloo_group_at_exit
-from lightning_xai.callbacks._fairness_common import (
+from lightning_xai._contract import (
+    LOGITS_KEY,
     batch_view,
-    capture_outputs,
-    cell_names,
-    check_attributes,
+    capture_output,
     forward_logits,
+    logits_of,
     output_module,
-    read_groups,
+    rows_of,
 )
+from lightning_xai._lightning import LightningModule, Trainer, rank_zero_info
+from lightning_xai.callbacks._base import EpochMetricCallback, Stage, picture_cadence, renamed_arguments
+from lightning_xai.callbacks._fairness_common import cell_names, check_attributes, read_groups
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional.fairness import intersectional_cells
 from lightning_xai.loggers import log_image
@@ -29,17 +29,16 @@ from lightning_xai.metrics.counterfactual_flip import CounterfactualFlip
 from lightning_xai.metrics.intersectional_fairness import CELL_KEYS, IntersectionalFairness, positive_probability
 
 CounterfactualFn = Callable[[Tensor, str, int], Tensor]
-_CAPTURED = "fairness_metrics/outputs"
 
 
-class FairnessMetrics(Callback):
-    """Logs intersectional fairness metrics of the model's predictions on every validation epoch.
+class FairnessMetrics(EpochMetricCallback):
+    """Logs intersectional fairness metrics of the model's predictions on every validation and test epoch.
 
     During validation the callback reads the outputs of the module's own forward pass with a forward hook
     (a forward of its own, ``xai_forward(input)``, only when the validation step never calls the module on
     the batch) and the protected attributes through the batch contract, and accumulates per-cell counts
     (:class:`~lightning_xai.metrics.IntersectionalFairness`; exact under DDP). At the end of the epoch it
-    logs, under ``prefix`` (``fair``):
+    logs, under ``name`` (``fair``; ``test/fair`` under ``trainer.test()``):
 
     * ``fair/dp_diff``, ``fair/dp_ratio``, ``fair/eo_diff``, ``fair/eo_diff_mean``, ``fair/worst_cell_accuracy``,
       ``fair/mi`` (soft predictions), ``fair/mi_decision`` (decisions);
@@ -50,7 +49,7 @@ class FairnessMetrics(Callback):
       ``fair/flip/<attribute>/{abs_change,flip_rate}`` and ``fair/cell/<cell>/{abs_change,flip_rate}``
       (:class:`~lightning_xai.metrics.CounterfactualFlip`);
     * a bar chart of the per-cell rates, ``fair/cell_rates``, through the trainer's loggers
-      (:mod:`lightning_xai.loggers`) every ``plot_every_n_epochs`` epochs, by rank 0.
+      (:mod:`lightning_xai.loggers`) every ``pictures_every_n_epochs`` epochs, by rank 0.
 
     The sanity-check pass is skipped. Binary tasks: ``(N,)``/``(N, 1)`` outputs are a positive-class logit
     (or probability), ``(N, C)`` outputs are class scores with ``positive_class`` as the positive decision.
@@ -68,8 +67,11 @@ class FairnessMetrics(Callback):
             ``K`` one-hot columns, or one column holding the integer code.
         counterfactual_fn: for the flip test on other inputs, ``fn(inputs, attribute, value) -> inputs`` with the
             attribute set to ``value`` in every row.
-        plot_every_n_epochs: log the bar chart every this many validation epochs; 0 never.
-        prefix: the log prefix.
+        pictures_every_n_epochs: log the bar chart on the first computation and every this many after it; 0 never.
+        name: the log prefix and the name in the ``state_key``.
+        every_n_epochs: compute every this many epochs of ``fit``.
+        plot_every_n_epochs: deprecated name of ``pictures_every_n_epochs``.
+        prefix: deprecated name of ``name``.
 
     Examples:
         >>> callback = FairnessMetrics(["sex", "race"], [2, 2], value_names={"sex": ["M", "F"], "race": ["A", "B"]})
@@ -89,10 +91,19 @@ class FairnessMetrics(Callback):
         output_layer: str | None = None,
         attribute_columns: dict[str, list[int]] | None = None,
         counterfactual_fn: CounterfactualFn | None = None,
-        plot_every_n_epochs: int = 1,
-        prefix: str = "fair",
+        pictures_every_n_epochs: int = 1,
+        name: str | None = None,
+        every_n_epochs: int = 1,
+        plot_every_n_epochs: int | None = None,
+        prefix: str | None = None,
     ) -> None:
-        super().__init__()
+        pictures_every_n_epochs = picture_cadence(
+            "FairnessMetrics", pictures_every_n_epochs, plot_every_n_epochs=plot_every_n_epochs
+        )
+        renamed_arguments("FairnessMetrics", {"prefix": "name="}, prefix=prefix)
+        super().__init__(
+            name=name or prefix, every_n_epochs=every_n_epochs, pictures_every_n_epochs=pictures_every_n_epochs
+        )
         check_attributes(attributes, num_values, "FairnessMetrics")
         self.attributes = list(attributes)
         self.num_values = [int(k) for k in num_values]
@@ -105,8 +116,6 @@ class FairnessMetrics(Callback):
         self.output_layer = output_layer
         self.attribute_columns = {k: [int(c) for c in v] for k, v in (attribute_columns or {}).items()}
         self.counterfactual_fn = counterfactual_fn
-        self.plot_every_n_epochs = plot_every_n_epochs
-        self.prefix = prefix
         for attribute, columns in self.attribute_columns.items():
             if attribute not in self.attributes:
                 raise XAIConfigurationError(
@@ -123,59 +132,53 @@ class FairnessMetrics(Callback):
             self.num_values, self.cell_names, threshold, positive_class, min_cell_count
         )
         self.flip = CounterfactualFlip(self.attributes, self.num_values, self.cell_names)
-        self.epochs_logged = 0
-        self._remove_hook: Callable[[], None] | None = None
         self._store: dict[str, Any] = {}
         self._fallback_announced = False
-        self.last_values: dict[str, float] = {}
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix)
+    def default_name(self) -> str:
+        return "fair"
 
     @property
     def flip_test(self) -> bool:
         return bool(self.attribute_columns) or self.counterfactual_fn is not None
 
-    # ----------------------------------------------------------------- Lightning hooks
+    # ----------------------------------------------------------------- the measurement
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        destroy_gloo_group_at_exit()
-        output_module(pl_module, self.output_layer, "FairnessMetrics")
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        output_module(pl_module, self.output_layer, self.where)
 
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    @override
+    def epoch_start(self, trainer: Trainer, pl_module: LightningModule, stage: Stage) -> None:
         self.fairness.to(pl_module.device)
         self.flip.to(pl_module.device)
         self.fairness.reset()
         self.flip.reset()
 
-    def on_validation_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if trainer.sanity_checking:
-            return
-        data = batch_view(pl_module, batch, "FairnessMetrics")
-        groups = read_groups(data, self.attributes, self.groups_key, "FairnessMetrics")
+    @override
+    def batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, stage: Stage) -> None:
+        data = batch_view(pl_module, batch)
+        groups = read_groups(data, self.attributes, self.groups_key, self.where)
         self._store = {"groups": groups, "data": data}
-        module = output_module(pl_module, self.output_layer, "FairnessMetrics")
-        self._remove_hook = capture_outputs(module, lambda: groups.shape[0], self._store, _CAPTURED)
+        module = output_module(pl_module, self.output_layer, self.where)
+        key = getattr(pl_module, "xai_logits_key", LOGITS_KEY)
+        self.hooks.append(
+            capture_output(
+                module,
+                self._store,
+                "logits",
+                select=lambda output: logits_of(output, key),
+                accept=rows_of(lambda: len(groups)),
+            )
+        )
 
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self._remove_hook is not None:
-            self._remove_hook()
-            self._remove_hook = None
-        if trainer.sanity_checking or "groups" not in self._store:
+    @override
+    def batch_end(self, trainer: Trainer, pl_module: LightningModule, batch: Any, stage: Stage) -> None:
+        if "groups" not in self._store:
             return
         data, groups = self._store["data"], self._store["groups"]
-        logits = self._store.get(_CAPTURED)
+        logits = self._store.get("logits")
         inputs = data.get("input")
         if logits is None:
             if not self._fallback_announced:
@@ -195,21 +198,15 @@ class FairnessMetrics(Callback):
             self._update_flip(pl_module, self._input(inputs), logits.detach(), groups)
         self._store = {}
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        values = {key: value for key, value in self.fairness.compute().items()}  # collective under DDP
+    @override
+    def epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: Stage) -> None:
+        values = dict(self.fairness.compute())  # collective under DDP
         if self.flip_test:
             flips = self.flip.compute()
             values.update({(key if key.startswith("cell/") else f"flip/{key}"): value for key, value in flips.items()})
-        for key, value in values.items():
-            if torch.isfinite(value):
-                pl_module.log(f"{self.prefix}/{key}", value.float(), on_epoch=True, sync_dist=False)
-        self.last_values = {key: float(value) for key, value in values.items()}
-        self.epochs_logged += 1
-        due = self.plot_every_n_epochs > 0 and (self.epochs_logged - 1) % self.plot_every_n_epochs == 0
-        if due and trainer.is_global_zero:
-            self._log_chart(trainer)
+        self.log_values(pl_module, values, stage)
+        if self.pictures_due(trainer, stage):
+            self.log_pictures(trainer, self._log_chart, stage)
 
     # ----------------------------------------------------------------- helpers
 
@@ -222,8 +219,8 @@ class FairnessMetrics(Callback):
             )
         return inputs
 
-    def _forward(self, pl_module: pl.LightningModule, inputs: Tensor) -> Tensor:
-        return forward_logits(pl_module, inputs, "FairnessMetrics")
+    def _forward(self, pl_module: LightningModule, inputs: Tensor) -> Tensor:
+        return forward_logits(pl_module, inputs, self.where)
 
     def _decisions(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         probability = positive_probability(logits, self.positive_class)
@@ -253,7 +250,7 @@ class FairnessMetrics(Callback):
             changed[:, columns[value]] = 1
         return changed
 
-    def _update_flip(self, pl_module: pl.LightningModule, inputs: Tensor, logits: Tensor, groups: Tensor) -> None:
+    def _update_flip(self, pl_module: LightningModule, inputs: Tensor, logits: Tensor, groups: Tensor) -> None:
         cells = intersectional_cells(groups.to(logits.device), self.num_values, self.attributes)
         probability, decision = self._decisions(logits)
         for index, attribute in enumerate(self.attributes):
@@ -266,7 +263,7 @@ class FairnessMetrics(Callback):
                 cf_probability, cf_decision = self._decisions(counterfactual)
                 self.flip.update(index, cells[rows], probability[rows], cf_probability, decision[rows], cf_decision)
 
-    def _log_chart(self, trainer: pl.Trainer) -> None:
+    def _log_chart(self, trainer: Trainer, stage: Stage) -> None:
         from lightning_xai.visualization import render_cell_rates
 
         values = self.last_values
@@ -279,12 +276,5 @@ class FairnessMetrics(Callback):
         dp = values.get("dp_diff", math.nan)
         eo = values.get("eo_diff", math.nan)
         title = f"epoch {trainer.current_epoch}: DP difference {dp:.3f}, EO difference {eo:.3f}"
-        log_image(
-            trainer, f"{self.prefix}/cell_rates", render_cell_rates(names, rates, counts, title), trainer.global_step
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epochs_logged": self.epochs_logged}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.epochs_logged = int(state_dict.get("epochs_logged", 0))
+        image = render_cell_rates(names, rates, counts, title)
+        log_image(trainer, self.key("cell_rates", stage), image, trainer.global_step)

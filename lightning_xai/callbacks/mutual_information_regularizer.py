@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_xai.callbacks._fairness_common import capture_outputs, check_attributes, output_module, read_groups
+from lightning_xai._contract import StepContext, logits_of, output_module, rows_of
+from lightning_xai._lightning import LightningModule, Trainer
+from lightning_xai.callbacks._fairness_common import check_attributes, read_groups
 from lightning_xai.callbacks._loss_term import LossTerm, Schedule
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional.fairness import (
@@ -22,9 +23,7 @@ from lightning_xai.functional.fairness import (
     intersectional_cells,
     running_statistics,
 )
-from lightning_xai.mixin import StepContext, XAIMixin
-
-_CAPTURED = "mutual_information_regularizer/outputs"
+from lightning_xai.mixin import XAIMixin
 
 
 class MutualInformationRegularizer(LossTerm):
@@ -69,6 +68,7 @@ class MutualInformationRegularizer(LossTerm):
         schedule: ``"constant"``, ``"linear_warmup"`` or ``"dann"``.
         warmup_steps: steps of the linear warm-up.
         name: log name (``xai/<name>``) and state key; default ``"mutual_information"``.
+        prog_bar: show ``xai/<name>`` on the progress bar.
 
     Examples:
         >>> from lightning_xai.callbacks import MutualInformationRegularizer
@@ -92,9 +92,10 @@ class MutualInformationRegularizer(LossTerm):
         schedule: Schedule = "constant",
         warmup_steps: int = 0,
         name: str | None = None,
+        prog_bar: bool = False,
     ) -> None:
-        super().__init__(weight=weight, schedule=schedule, warmup_steps=warmup_steps, name=name)
-        where = f"{type(self).__name__}"
+        super().__init__(weight=weight, schedule=schedule, warmup_steps=warmup_steps, name=name, prog_bar=prog_bar)
+        where = type(self).__name__
         check_attributes(attributes, num_values, where)
         if estimator not in ESTIMATORS:
             raise XAIConfigurationError(f"{where}: estimator must be one of {ESTIMATORS}, got {estimator!r}.")
@@ -125,34 +126,48 @@ class MutualInformationRegularizer(LossTerm):
         return "mutual_information"
 
     @property
-    def _where(self) -> str:
+    def where(self) -> str:
         return f"MutualInformationRegularizer(name={self.term_name!r})"
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    @property
+    def _key(self) -> str:
+        return f"mutual_information_regularizer/{self.term_name}"
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        output_module(pl_module, self.output_layer, self._where)
+        output_module(pl_module, self.output_layer, self.where)
 
-    def prepare_step(self, pl_module: XAIMixin, context: StepContext) -> Callable[[], None] | None:
-        groups = read_groups(context.data, self.attributes, self.groups_key, self._where)
-        context.cache[f"{_CAPTURED}/{self.term_name}/groups"] = groups
-        module = output_module(pl_module, self.output_layer, self._where)  # type: ignore[arg-type]
-        return capture_outputs(module, lambda: groups.shape[0], context.cache, f"{_CAPTURED}/{self.term_name}")
+    @override
+    def prepare_step(self, pl_module: XAIMixin, context: StepContext) -> None:
+        groups = read_groups(context.data, self.attributes, self.groups_key, self.where)
+        context.cache[f"{self._key}/groups"] = groups
+        module = output_module(pl_module, self.output_layer, self.where)  # type: ignore[arg-type]
+        key = pl_module.xai_logits_key
+        context.capture(
+            module,
+            f"{self._key}/outputs",
+            select=lambda output: logits_of(output, key),
+            accept=rows_of(lambda: len(groups)),
+        )
 
+    @override
     def compute_term(self, pl_module: XAIMixin, context: StepContext) -> Tensor:
-        logits = context.cache.get(f"{_CAPTURED}/{self.term_name}")
-        groups = context.cache[f"{_CAPTURED}/{self.term_name}/groups"]
+        logits = context.cache.get(f"{self._key}/outputs")
+        groups = context.cache[f"{self._key}/groups"]
         if logits is None:
             where = "the LightningModule" if self.output_layer is None else f"submodule {self.output_layer!r}"
             raise XAIConfigurationError(
-                f"{self._where}: {where} returned no output with {groups.shape[0]} rows during training_step, so "
-                "there are no predictions to regularize. Call self(x) on the batch in training_step, or set "
-                "output_layer= to the submodule that produces the logits."
+                f"{self.where}: {where} returned no output with {groups.shape[0]} rows during training_step, so "
+                "there are no predictions to regularize. Call self(x) on the batch in training_step (before "
+                "self.xai_loss(batch) under manual optimization), or set output_layer= to the submodule that "
+                "produces the logits."
             )
         probs = as_probabilities(logits.float() / self.temperature)
         cells = intersectional_cells(groups.to(probs.device), self.num_values, self.attributes)
         target = None
         if self.conditional_on_target:
-            target = torch.as_tensor(context.get("target", self._where), device=probs.device)
+            target = torch.as_tensor(context.get("target", self.where), device=probs.device)
         sums, counts = cell_statistics(
             probs, cells, self.num_cells, target, probs.shape[1] if target is not None else None
         )
@@ -177,6 +192,7 @@ class MutualInformationRegularizer(LossTerm):
     def _on(state: Tensor | None, like: Tensor) -> Tensor | None:
         return None if state is None else state.to(device=like.device, dtype=like.dtype)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self.running_sums is not None and self.running_counts is not None:
@@ -184,6 +200,7 @@ class MutualInformationRegularizer(LossTerm):
             state["running_counts"] = self.running_counts.detach().cpu()
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.running_sums = state_dict.get("running_sums")

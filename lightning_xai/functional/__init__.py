@@ -39,6 +39,7 @@ from lightning_xai.functional.penalties import (
     cdep_penalty,
     expected_gradients_penalty,
     input_x_gradient_penalty,
+    math_attention,
     rrr_penalty,
 )
 from lightning_xai.functional.plausibility import (
@@ -80,6 +81,7 @@ __all__ = [
     "input_x_gradient_penalty",
     "insertion_auc",
     "insertion_curve",
+    "math_attention",
     "randomize_top_layers",
     "rank_correlation",
     "rationale_average_precision",

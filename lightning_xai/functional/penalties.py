@@ -7,12 +7,14 @@ gradient accumulation and DDP give the same gradient as one large batch.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional._masks import broadcast_mask
@@ -20,6 +22,24 @@ from lightning_xai.functional._masks import broadcast_mask
 Reduction = Literal["mean", "sum", "none"]
 CDEPVariant = Literal["image", "text", "shift_invariant"]
 Norm = Literal["l1", "l2"]
+
+
+def math_attention() -> contextlib.AbstractContextManager[None]:
+    """Scaled-dot-product attention on the math backend, the one SDPA kernel with a double backward.
+
+    The flash and memory-efficient kernels of ``F.scaled_dot_product_attention`` (which ``nn.MultiheadAttention``,
+    ``nn.TransformerEncoder`` and Hugging Face's ``sdpa`` attention call) have no double backward ("derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"). Run every forward that an
+    input-gradient penalty differentiates twice under this context.
+
+    Examples:
+        >>> from torch import nn
+        >>> layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        >>> with math_attention():
+        ...     penalty = rrr_penalty(lambda x: layer(x).mean(1), torch.randn(2, 3, 8), torch.ones(2, 3, 8))
+        >>> penalty.backward()  # the double backward runs
+    """
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def _widen(values: Tensor) -> Tensor:

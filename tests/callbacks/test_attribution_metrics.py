@@ -42,7 +42,7 @@ def test_logged_values_equal_the_metrics_on_the_probe_set():
     run = trainer(max_epochs=1, callbacks=[callback])
     run.fit(model, loader(_digits(64), 32), loader(_digits(48, "val"), 16))
 
-    probe = callback._probe
+    probe = callback._probes["validate"]
     assert probe["input"].shape[0] == 32
     model.eval()
     attributions = attribute("saliency", model, probe["input"], probe["target"])
@@ -247,5 +247,5 @@ def test_a_given_dataset_is_the_probe_and_works_without_a_validation_loop():
     run = trainer(max_epochs=2, callbacks=[callback])
     run.fit(SmallCNN(), loader(_digits(32), 16))  # no validation loader at all
     assert callback.epochs_computed == 2
-    assert torch.equal(callback._probe["input"], DecoyDigits("test").images[:24])
+    assert torch.equal(callback._probes["validate"]["input"], DecoyDigits("test").images[:24])
     assert 0 < run.callback_metrics["attr/saliency/region_attribution_mass"].item() < 1

@@ -20,7 +20,7 @@ class BertClassifier(XAIMixin, pl.LightningModule):
     def __init__(self, attention="eager"):
         super().__init__()
         config = tiny_bert_config(vocab_size=40)
-        config._attn_implementation = attention  # SDPA kernels on CPU have no double backward
+        config._attn_implementation = attention
         torch.manual_seed(0)
         self.bert = transformers.BertForSequenceClassification(config)
 
@@ -85,9 +85,23 @@ def test_cdep_on_bert_raises_a_clear_unsupported_error():
         )
 
 
-def test_sdpa_attention_is_refused_in_setup_with_the_fix():
+def test_sdpa_attention_trains_on_the_math_kernel_and_flash_attention_is_refused():
+    # SDPA's fused CPU kernel has no double backward; the penalty's forward runs it on the math kernel instead,
+    # which gives the eager attention's numbers
     batch = _batch()
-    with pytest.raises(XAIConfigurationError, match="attn_implementation='eager'"):
+    results = {}
+    for attention in ("eager", "sdpa"):
+        model = BertClassifier(attention=attention)
+        run = trainer(max_steps=1, callbacks=[ExplanationPenalty(method="rrr", weight=100.0, mask_key="rationale")])
+        run.fit(model, loader([batch], 1, collate_fn=lambda items: items[0]))
+        results[attention] = (run.callback_metrics["xai/rrr_step"].item(), list(model.parameters()))
+    assert results["sdpa"][0] == pytest.approx(results["eager"][0], rel=1e-4)
+    for sdpa, eager in zip(results["sdpa"][1], results["eager"][1]):
+        torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-4)
+
+    flash = BertClassifier()
+    flash.bert.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(XAIConfigurationError, match="attn_implementation='sdpa'"):
         trainer(max_steps=1, callbacks=[ExplanationPenalty(method="rrr", mask_key="rationale")]).fit(
-            BertClassifier(attention="sdpa"), loader([batch], 1, collate_fn=lambda items: items[0])
+            flash, loader([batch], 1, collate_fn=lambda items: items[0])
         )

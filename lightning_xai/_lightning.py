@@ -1,0 +1,86 @@
+"""The one place that names Lightning's classes: from ``lightning.pytorch``, ``pytorch_lightning``, or both.
+
+Users write ``import lightning as L`` or ``import pytorch_lightning as pl``; the two packages ship separate
+copies of the same classes, and each Trainer checks callbacks, loggers and LightningCLI types against its own
+copy. torchmetrics avoids the question by importing neither; finetuning-scheduler picks one package when it is
+installed. Callbacks cannot import neither (Lightning finds them by type), and a choice made at install time
+breaks environments that hold both. So the callbacks' base class here derives from the ``Callback`` of every
+installed package: one object is a callback of whichever Trainer receives it, and LightningCLI of either
+package accepts the YAML snippets. Loggers are matched against the classes of every installed package.
+
+Nothing outside this module imports a Lightning package, so the library runs with either one installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
+
+__all__ = [
+    "PACKAGES",
+    "Callback",
+    "Trainer",
+    "LightningModule",
+    "is_lightning_module",
+    "logger_types",
+    "rank_zero_info",
+    "rank_zero_warn",
+]
+
+# (import name, distribution to pip install)
+_CANDIDATES = (("pytorch_lightning", "pytorch-lightning"), ("lightning.pytorch", "lightning"))
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # "lightning.pytorch" when "lightning" itself is missing
+        return False
+
+
+#: the installed Lightning packages, ``pytorch_lightning`` first
+PACKAGES: tuple[ModuleType, ...] = tuple(importlib.import_module(name) for name, _ in _CANDIDATES if _installed(name))
+if not PACKAGES:
+    raise ImportError(
+        "lightning_xai's callbacks and loggers need PyTorch Lightning, and neither `lightning` nor "
+        "`pytorch_lightning` is installed. Install the one you use: `pip install lightning` or "
+        "`pip install pytorch-lightning` (or `pip install 'lightning-xai[lightning]'`)."
+    )
+
+if TYPE_CHECKING:
+    from pytorch_lightning import LightningModule, Trainer
+    from pytorch_lightning.callbacks import Callback
+else:
+    # A class statement with every installed package's Callback as a base: `isinstance(callback, Callback)` then
+    # holds for the Trainer and LightningCLI of each package. The bases define the same hooks.
+    Callback = type("Callback", tuple(package.Callback for package in PACKAGES), {"__module__": __name__})
+    Callback.__doc__ = "Lightning's ``Callback`` of every installed Lightning package (see lightning_xai._lightning)."
+    Trainer = Any
+    LightningModule = Any
+
+_LIGHTNING_MODULES: tuple[type, ...] = tuple(package.LightningModule for package in PACKAGES)
+
+
+def is_lightning_module(module: object) -> bool:
+    """Whether ``module`` is a ``LightningModule`` of any installed Lightning package."""
+    return isinstance(module, _LIGHTNING_MODULES)
+
+
+def logger_types(name: str) -> tuple[type, ...]:
+    """The logger class ``name`` (``"CSVLogger"``) of every installed package that has it.
+
+    Examples:
+        >>> [cls.__module__.split(".")[0] for cls in logger_types("CSVLogger")][:1]
+        ['pytorch_lightning']
+    """
+    classes = []
+    for package in PACKAGES:
+        loggers = importlib.import_module(f"{package.__name__}.loggers")
+        cls = getattr(loggers, name, None)
+        if isinstance(cls, type):
+            classes.append(cls)
+    return tuple(classes)
