@@ -152,6 +152,20 @@ def output_module(module: nn.Module, name: str | None, where: str) -> nn.Module:
     return module if name is None else named_submodule(module, name, where)
 
 
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` or a submodule runs through ``torch.compile``.
+
+    Lightning's ``Trainer.fit(torch.compile(model))`` sets ``_compiler_ctx``; ``model.compile()`` sets
+    ``_compiled_call_impl``; ``self.net = torch.compile(net)`` leaves an ``OptimizedModule`` inside.
+    """
+    if getattr(module, "_compiler_ctx", None):
+        return True
+    optimized = getattr(getattr(getattr(torch, "_dynamo", None), "eval_frame", None), "OptimizedModule", ())
+    return any(
+        getattr(m, "_compiled_call_impl", None) is not None or isinstance(m, optimized) for m in module.modules()
+    )
+
+
 class HookHandles(list):
     """A list of hook handles (or removers) that :meth:`remove` takes off again, each once."""
 

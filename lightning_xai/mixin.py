@@ -34,7 +34,15 @@ if TYPE_CHECKING:
 __all__ = ["StepContext", "XAIMixin"]
 
 
+def _eager(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Runs ``function`` outside ``torch.compile``: the terms' Python machinery (hooks, fx traces, callbacks) is
+    not for dynamo, and a compiled step (``Trainer.fit(torch.compile(model))``) calls it as an eager island."""
+    return torch.compiler.disable(function, recursive=True)
+
+
 def _wrap_training_step(step: Callable[..., Any]) -> Callable[..., Any]:
+    # recursive=False: the wrapper runs eagerly, the user's step it calls is still compiled
+    @functools.partial(torch.compiler.disable, recursive=False)
     @functools.wraps(step)
     def training_step(self: XAIMixin, batch: Any, *args: Any, **kwargs: Any) -> Any:
         # A subclass step that calls super().training_step() is wrapped twice: only the outermost adds terms.
@@ -163,6 +171,7 @@ class XAIMixin:
             "gradient penalties on text."
         )
 
+    @_eager
     def xai_loss(self, batch: Any) -> Tensor:
         """The weighted sum of all loss terms for ``batch``, for manual optimization.
 
@@ -198,6 +207,7 @@ class XAIMixin:
             return []
         return [callback for callback in trainer.callbacks if getattr(callback, "xai_loss_term", False)]
 
+    @_eager
     def _xai_prepare(self, context: StepContext, terms: list[LossTerm], around_step: contextlib.ExitStack) -> None:
         """Lets terms hook into the step's own forward pass, so that they need no second forward."""
         for term in terms:
@@ -220,6 +230,7 @@ class XAIMixin:
         # the penalty differentiates these logits twice: attention must run on the kernel with a double backward
         around_step.enter_context(math_attention())
 
+    @_eager
     def _xai_total(self, context: StepContext, terms: list[LossTerm]) -> Tensor:
         trainer = self._trainer  # type: ignore[attr-defined]
         values: dict[str, Tensor] = {}

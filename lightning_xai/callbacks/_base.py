@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from typing_extensions import override
 
-from lightning_xai._contract import HookHandles
+from lightning_xai._contract import HookHandles, is_compiled
 from lightning_xai._lightning import Callback, LightningModule, Trainer, rank_zero_warn
 from lightning_xai.callbacks._distributed import destroy_gloo_group_at_exit
 from lightning_xai.errors import MissingMixinError, XAIConfigurationError
@@ -75,6 +75,19 @@ class XAICallback(Callback):
                 f"{self.where} {self.mixin_use}, but {type(pl_module).__name__} does not subclass XAIMixin. Fix: "
                 f"`class {type(pl_module).__name__}(XAIMixin, LightningModule): ...` (from lightning_xai import "
                 "XAIMixin)."
+            )
+
+    def refuse_compiled(self, pl_module: LightningModule, what: str) -> None:
+        """Raises in ``setup`` when ``pl_module`` is compiled: dynamo skips forward hooks added after compilation.
+
+        ``torch._dynamo.config.skip_nnmodule_hook_guards`` (on by default) lets a compiled forward ignore hooks
+        registered later, so a callback that reads a submodule's output through a hook would see nothing.
+        """
+        if is_compiled(pl_module):
+            raise XAIConfigurationError(
+                f"{self.where} reads {what} through a forward hook, and {type(pl_module).__name__} runs through "
+                "torch.compile, whose compiled forward does not run hooks added after compilation. Train the "
+                "uncompiled module (compile a copy for inference)."
             )
 
     @override

@@ -128,6 +128,7 @@ class ConceptHead(LossTerm):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self.refuse_compiled(pl_module, f"the output of layer {self.layer!r}")
         layer = self._layer(pl_module)
         width = self.in_features or infer_width(pl_module, layer)
         if width is None:

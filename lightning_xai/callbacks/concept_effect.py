@@ -127,6 +127,7 @@ class ConceptEffect(EpochMetricCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         named_submodule(pl_module, self.layer, self.where)
+        self.refuse_compiled(pl_module, f"the output of layer {self.layer!r}")
         if self.reference_model is not None:
             self.reference_model.to(pl_module.device).eval()
 

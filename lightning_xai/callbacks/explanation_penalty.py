@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_xai._contract import StepContext, require_logits
+from lightning_xai._contract import StepContext, is_compiled, require_logits
 from lightning_xai._lightning import LightningModule, Trainer
 from lightning_xai.attribution.contextual_decomposition import decompose, returns_single_tensor
 from lightning_xai.callbacks._loss_term import LossTerm, Schedule
@@ -68,21 +68,6 @@ def _observed_submodules(module: nn.Module) -> bool:
         if child._forward_hooks or child._forward_pre_hooks or child._backward_hooks or child._backward_pre_hooks:
             return True
     return False
-
-
-def compiled(module: nn.Module) -> bool:
-    """Whether ``module`` or a submodule runs through ``torch.compile``.
-
-    Lightning's ``Trainer.fit(torch.compile(model))`` sets ``_compiler_ctx``; ``model.compile()`` sets
-    ``_compiled_call_impl``; ``self.net = torch.compile(net)`` leaves an ``OptimizedModule`` inside.
-    """
-    if getattr(module, "_compiler_ctx", None):
-        return True
-    optimized = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
-    optimized_type = getattr(optimized, "OptimizedModule", ())
-    return any(
-        getattr(m, "_compiled_call_impl", None) is not None or isinstance(m, optimized_type) for m in module.modules()
-    )
 
 
 @contextlib.contextmanager
@@ -363,7 +348,7 @@ class ExplanationPenalty(LossTerm):
             # The step's forward runs the fused oneDNN RNN, whose double backward is slow: a penalty forward
             # of its own on the native kernel is cheaper than reusing it.
             self.reuses_step_forward = False
-        if method.double_backward and compiled(pl_module):
+        if method.double_backward and is_compiled(pl_module):
             raise XAIConfigurationError(
                 f"{self.where} differentiates input gradients (a double backward), which torch.compile does not "
                 "support. Train the uncompiled module (compile a copy for inference), or use method='cdep', which "
@@ -385,7 +370,7 @@ class ExplanationPenalty(LossTerm):
         self._shares_forward = (
             self.method == "cdep"
             and type(pl_module).xai_forward is XAIMixin.xai_forward
-            and not compiled(pl_module)
+            and not is_compiled(pl_module)
             and returns_single_tensor(pl_module)
         )
 

@@ -148,6 +148,8 @@ class FairnessMetrics(EpochMetricCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         output_module(pl_module, self.output_layer, self.where)
+        if self.output_layer is not None:  # the module's own output has a forward fallback; a layer's has none
+            self.refuse_compiled(pl_module, f"the output of {self.output_layer!r}")
 
     @override
     def epoch_start(self, trainer: Trainer, pl_module: LightningModule, stage: Stage) -> None:

@@ -137,6 +137,7 @@ class MutualInformationRegularizer(LossTerm):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         output_module(pl_module, self.output_layer, self.where)
+        self.refuse_compiled(pl_module, "the step's predictions")
 
     @override
     def prepare_step(self, pl_module: XAIMixin, context: StepContext) -> None:
