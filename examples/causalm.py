@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import logging
 import time
 import warnings
@@ -194,8 +195,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--leace",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also compare LEACE concept erasure on BERT-O's features (needs the concept-erasure package)",
+        default=None,
+        help="also compare LEACE concept erasure on BERT-O's features (needs the concept-erasure package; "
+        "default: when it is installed)",
     )
     parser.add_argument(
         "--matched-original",
@@ -212,7 +214,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of stage 1 (use ~3e-5 pretrained)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.leace is None:
+        args.leace = importlib.util.find_spec("concept_erasure") is not None
+    elif args.leace and importlib.util.find_spec("concept_erasure") is None:
+        parser.error("--leace needs the concept-erasure package: pip install concept-erasure")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:

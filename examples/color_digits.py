@@ -3,7 +3,8 @@
 Training digits are coloured by class; validation and test digits get the reversed colour ``9 - y``, so a
 model that learned colour instead of shape scores near 0 %. The same CNN is trained without a penalty and
 with CDEP, RRR and Expected Gradients, over several seeds; the script prints the reversed-colour test
-accuracy per method, writes TensorBoard and CSV logs and a PNG of input heatmaps per method.
+accuracy per method, writes CSV logs (and TensorBoard logs when tensorboard is installed) and a PNG of input
+heatmaps per method.
 
 Run ``make demo`` or ``python examples/color_digits.py --help``.
 """
@@ -11,6 +12,7 @@ Run ``make demo`` or ``python examples/color_digits.py --help``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import statistics
 import time
@@ -25,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from captum.attr import IntegratedGradients  # noqa: E402
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -44,6 +46,8 @@ from lightning_xai.metrics import RegionAttributionMass  # noqa: E402
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=r".*(LeafSpec|log_every_n_steps|does not have many workers|litlogger).*")
 
+# Lightning's TensorBoardLogger needs tensorboard (or tensorboardX); the CSV logs are always written
+TENSORBOARD = any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 METHODS = ("vanilla", "cdep", "rrr", "expected_gradients")
 DEFAULT_WEIGHTS = {"cdep": 1000.0, "rrr": 1000.0, "expected_gradients": 1000.0}
 
@@ -261,10 +265,9 @@ def main() -> None:
                     weight = getattr(args, f"{method}_weight")
                     callbacks.append(_penalty(method, weight, train_set.occupancy(), args.num_masks, seed))
                 name = f"{method}/seed{seed}"
-                loggers = [
-                    TensorBoardLogger(args.output_dir / "tensorboard", name=name, version=""),
-                    CSVLogger(args.output_dir / "csv", name=name, version=""),
-                ]
+                loggers: list[Logger] = [CSVLogger(args.output_dir / "csv", name=name, version="")]
+                if TENSORBOARD:
+                    loggers.append(TensorBoardLogger(args.output_dir / "tensorboard", name=name, version=""))
                 model = ColorCNN(args.image_size)
                 trainer = pl.Trainer(
                     max_epochs=args.epochs,
@@ -308,7 +311,13 @@ def main() -> None:
     _plot_colour_mass(curves, args.output_dir / "colour_mass.png")
     heatmap_path = args.output_dir / "heatmaps.png"
     _heatmaps(first_models, test_set, heatmap_path)
-    console.print(f"Heatmaps: {heatmap_path}\nLogs: {args.output_dir / 'tensorboard'} and {args.output_dir / 'csv'}")
+    logs = (
+        f"{args.output_dir / 'tensorboard'} and {args.output_dir / 'csv'}" if TENSORBOARD else args.output_dir / "csv"
+    )
+    console.print(
+        f"Heatmaps: {heatmap_path}\nLogs: {logs}"
+        + ("" if TENSORBOARD else " (pip install tensorboard for TensorBoard logs)")
+    )
 
 
 if __name__ == "__main__":

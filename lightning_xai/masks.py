@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import default_collate
 
 from lightning_xai.errors import MaskShapeError
 from lightning_xai.functional._masks import broadcast_mask
 
-__all__ = ["OccupancyMaskSampler", "broadcast_mask", "masks_from_annotations", "spans_to_mask"]
+__all__ = ["OccupancyMaskSampler", "broadcast_mask", "collate_annotations", "masks_from_annotations", "spans_to_mask"]
 
 
 def spans_to_mask(spans: Sequence[Sequence[tuple[int, int]] | None], length: int, device: Any = None) -> Tensor:
@@ -69,8 +70,15 @@ def masks_from_annotations(annotation: Any, inputs: Tensor) -> tuple[Tensor, Ten
         annotated = (mask.flatten(1).abs().sum(1) > 0) & ~missing
         return mask, annotated.float()
     if isinstance(annotation, (list, tuple)):
+        spans = _default_collated_spans(annotation, n)
+        if spans is not None:
+            annotation = spans
         if len(annotation) != n:
-            raise MaskShapeError(f"the mask list has {len(annotation)} entries but the batch has {n} samples.")
+            raise MaskShapeError(
+                f"the mask list has {len(annotation)} entries but the batch has {n} samples. A list needs one entry "
+                "per sample (a mask, token spans or None); torch's default collate transposes per-sample lists, so "
+                "give the DataLoader collate_fn=lightning_xai.masks.collate_annotations."
+            )
         if all(a is None or _is_span_list(a) for a in annotation):
             length = inputs.shape[1]
             mask = spans_to_mask(annotation, length, device=inputs.device)
@@ -101,6 +109,63 @@ def _is_span_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(
         isinstance(span, (list, tuple)) and len(span) == 2 and all(isinstance(i, int) for i in span) for span in value
     )
+
+
+def _default_collated_spans(annotation: Sequence[Any], n: int) -> list[list[tuple[int, int]]] | None:
+    """Per-sample spans from what ``default_collate`` makes of them, or ``None`` if ``annotation`` is not that.
+
+    ``default_collate`` turns N samples of S spans each into S pairs of ``(N,)`` integer tensors (starts, ends).
+    """
+    pairs = [
+        entry
+        for entry in annotation
+        if isinstance(entry, (list, tuple))
+        and len(entry) == 2
+        and all(isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] == n and not t.is_floating_point() for t in entry)
+    ]
+    if not annotation or len(pairs) != len(annotation):
+        return None
+    return [[(int(start[i]), int(end[i])) for start, end in pairs] for i in range(n)]
+
+
+def collate_annotations(samples: Sequence[Any]) -> Any:
+    """A DataLoader ``collate_fn`` that keeps per-sample annotations as lists and collates the rest as usual.
+
+    ``torch.utils.data.default_collate`` cannot collate ``None`` (a sample without annotation), transposes a
+    sample's list of token spans, and refuses spans of different counts or masks of different shapes. This
+    keeps any field whose values are ``None``, lists or tuples of spans, or tensors of differing shapes as a list
+    of the per-sample values (what :func:`masks_from_annotations` reads); every other field goes through
+    ``default_collate``. It works on dict samples and on ``(x, y, extras_dict)`` tuples.
+
+    Examples:
+        >>> import torch
+        >>> samples = [
+        ...     {"input_ids": torch.tensor([5, 1, 7]), "mask": [(1, 2)]},
+        ...     {"input_ids": torch.tensor([4, 6, 8]), "mask": None},
+        ... ]
+        >>> batch = collate_annotations(samples)
+        >>> batch["input_ids"].shape, batch["mask"]
+        (torch.Size([2, 3]), [[(1, 2)], None])
+        >>> masks_from_annotations(batch["mask"], batch["input_ids"])
+        (tensor([[0., 1., 0.],
+                [0., 0., 0.]]), tensor([1., 0.]))
+    """
+    first = samples[0]
+    if isinstance(first, Mapping):
+        return {key: _collate_field([sample[key] for sample in samples]) for key in first}
+    if isinstance(first, tuple) and not _is_span_list(first):
+        return [_collate_field([sample[i] for sample in samples]) for i in range(len(first))]
+    return default_collate(list(samples))
+
+
+def _collate_field(values: list[Any]) -> Any:
+    if any(value is None or _is_span_list(value) for value in values):
+        return list(values)
+    if all(isinstance(value, Tensor) for value in values) and len({tuple(value.shape) for value in values}) > 1:
+        return list(values)
+    if isinstance(values[0], Mapping):
+        return collate_annotations(values)
+    return default_collate(values)
 
 
 class OccupancyMaskSampler:

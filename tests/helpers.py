@@ -1,7 +1,17 @@
-"""Small real models and data for the callback tests."""
+"""Small real models and data for the callback tests.
+
+Models are written once as bodies (``XAIMixin`` subclasses without a Lightning base) and bound to a Lightning
+package with :func:`bind`, so that one test runs under ``pytorch_lightning`` and ``lightning.pytorch`` alike; the
+plain names (``MLP``, ``SmallCNN``, ...) are the ``pytorch_lightning`` bindings.
+"""
 
 from __future__ import annotations
 
+import functools
+from types import ModuleType
+from typing import Any
+
+import lightning.pytorch
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -10,8 +20,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_xai import XAIMixin
 
+#: the Lightning packages every integration test runs under
+LIGHTNING_PACKAGES: dict[str, ModuleType] = {"pytorch_lightning": pl, "lightning": lightning.pytorch}
 
-def trainer(**kwargs) -> pl.Trainer:
+
+def trainer(package: ModuleType = pl, **kwargs: Any) -> Any:
     defaults = dict(
         accelerator="cpu",
         devices=1,
@@ -22,7 +35,40 @@ def trainer(**kwargs) -> pl.Trainer:
         num_sanity_val_steps=0,
     )
     defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+    return package.Trainer(**defaults)
+
+
+def bind(body: type, package: ModuleType = pl, base: str = "LightningModule") -> type:
+    """``body`` as a subclass of ``package.<base>`` (``LightningModule`` or ``LightningDataModule``).
+
+    The class is reachable as an attribute of this module (see ``__getattr__``), so that pickle, and with it
+    ``ddp_spawn``, finds it again in a worker process.
+    """
+    return _bind(body, package, base)
+
+
+@functools.cache
+def _bind(body: type, package: ModuleType, base: str) -> type:
+    package_key = next(key for key, value in LIGHTNING_PACKAGES.items() if value is package)
+    # no dots: pickle splits a qualified name on them
+    qualname = ":".join(
+        ("bound", body.__module__.replace(".", "/"), body.__qualname__.replace(".", "/"), package_key, base)
+    )
+    name = body.__name__.removesuffix("Body")
+    return type(name, (body, getattr(package, base)), {"__module__": __name__, "__qualname__": qualname})
+
+
+def __getattr__(name: str) -> type:
+    # pickle (a ddp_spawn worker) looks a bound class up by name: bind it again from its body
+    if not name.startswith("bound:"):
+        raise AttributeError(name)
+    import importlib
+
+    _, module_name, body_name, package_key, base = name.split(":")
+    body = importlib.import_module(module_name.replace("/", "."))
+    for part in body_name.split("/"):
+        body = getattr(body, part)
+    return _bind(body, LIGHTNING_PACKAGES[package_key], base)
 
 
 class DictDataset(Dataset):
@@ -62,7 +108,7 @@ def decoy_tabular(n: int = 256, seed: int = 0, reversed_decoy: bool = False):
     return x, y, mask
 
 
-class MLP(XAIMixin, pl.LightningModule):
+class MLPBody(XAIMixin):
     def __init__(self, in_features: int = 4, classes: int = 2, lr: float = 0.05, optimizer: str = "adam"):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_features, 16), nn.Tanh(), nn.Linear(16, classes))
@@ -82,7 +128,7 @@ class MLP(XAIMixin, pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
-class SmallCNN(XAIMixin, pl.LightningModule):
+class SmallCNNBody(XAIMixin):
     def __init__(self, channels: int = 1, size: int = 12, classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
@@ -105,7 +151,7 @@ class SmallCNN(XAIMixin, pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class LSTMTextClassifier(XAIMixin, pl.LightningModule):
+class LSTMTextClassifierBody(XAIMixin):
     def __init__(self, vocab: int = 40, embed: int = 16, hidden: int = 16, classes: int = 2):
         super().__init__()
         self.embedding = nn.Embedding(vocab, embed)
@@ -127,6 +173,11 @@ class LSTMTextClassifier(XAIMixin, pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+MLP = bind(MLPBody)
+SmallCNN = bind(SmallCNNBody)
+LSTMTextClassifier = bind(LSTMTextClassifierBody)
 
 
 def token_decoy_data(n: int = 64, length: int = 8, vocab: int = 40, seed: int = 0):
@@ -160,3 +211,60 @@ def tiny_bert_config(**overrides):
     )
     settings.update(overrides)
     return transformers.BertConfig(**settings)
+
+
+def assert_ddp_matches_single(
+    make_model: Any,
+    make_callbacks: Any,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    stage: str = "fit",
+    prefixes: tuple[str, ...] = ("xai/",),
+    ignore: tuple[str, ...] = (),
+    parameters: bool = True,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    package: ModuleType = pl,
+    **trainer_kwargs: Any,
+) -> dict[int, dict[str, Any]]:
+    """Runs ``make_model()`` with ``make_callbacks()`` in one process and under ``ddp_spawn`` with two CPU processes.
+
+    Every batch of the single process holds ``batch_size`` samples; each DDP rank gets half of them (the
+    distributed sampler), so the two runs see the same global batches. Asserts that the logged values whose keys
+    start with ``prefixes`` (except those ending with a suffix in ``ignore``) and (with ``parameters``) the trained
+    parameters agree, in the spirit of torchmetrics' ``MetricTester``. ``ddp_spawn`` returns rank 0's parameters and ``callback_metrics`` to this process.
+    Returns ``{devices: {"values": ..., "parameters": ...}}`` for further assertions.
+    """
+    results: dict[int, dict[str, Any]] = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
+        model = make_model()
+        run = trainer(
+            package,
+            devices=devices,
+            strategy=strategy,
+            use_distributed_sampler=True,
+            callbacks=make_callbacks(),
+            **trainer_kwargs,
+        )
+        getattr(run, stage)(model, loader(dataset, batch_size // devices))
+        results[devices] = {
+            "values": {k: v.item() for k, v in run.callback_metrics.items() if k.startswith(prefixes)},
+            "parameters": {name: p.detach().clone() for name, p in model.named_parameters()},
+        }
+    single, distributed = results[1], results[2]
+    assert single["values"], f"nothing logged under {prefixes}"
+    assert distributed["values"].keys() == single["values"].keys()
+    for key, value in single["values"].items():
+        if key.endswith(ignore) and ignore:
+            continue
+        assert abs(distributed["values"][key] - value) <= atol + rtol * abs(value), (
+            key,
+            distributed["values"][key],
+            value,
+        )
+    if parameters:
+        assert distributed["parameters"].keys() == single["parameters"].keys()
+        for name, value in single["parameters"].items():
+            torch.testing.assert_close(distributed["parameters"][name], value, atol=atol, rtol=rtol, msg=name)
+    return results

@@ -1,6 +1,4 @@
-"""Two CPU processes under ddp_spawn must give the penalty and the update of one process on the global batch."""
-
-import copy
+"""Two CPU processes under ddp_spawn give the values and updates of one process on the global batch."""
 
 import pytest
 import torch
@@ -9,7 +7,9 @@ from torch.nn import functional as F
 from lightning_xai.attribution import contextual_decomposition
 from lightning_xai.callbacks import ExplanationPenalty
 from lightning_xai.functional import cdep_penalty, rrr_penalty
-from tests.helpers import MLP, DictDataset, decoy_tabular, loader, trainer
+from tests.helpers import MLP, DictDataset, assert_ddp_matches_single, decoy_tabular
+
+pytestmark = pytest.mark.ddp
 
 
 @pytest.fixture(autouse=True)
@@ -21,35 +21,38 @@ def _share_tensors_through_files():
     torch.multiprocessing.set_sharing_strategy(previous)
 
 
+def _sgd_mlp():
+    torch.manual_seed(0)
+    return MLP(optimizer="sgd", lr=0.5)
+
+
+def _assert_one_sgd_step(parameters, loss_of, lr=0.5):
+    reference = _sgd_mlp()
+    gradients = torch.autograd.grad(loss_of(reference), list(reference.parameters()))
+    for (name, parameter), before, gradient in zip(parameters.items(), reference.parameters(), gradients):
+        torch.testing.assert_close(parameter, before.detach() - lr * gradient, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("method", ["rrr", "cdep"])
 def test_ddp_spawn_two_processes_equal_single_process_on_global_batch(method):
-    torch.manual_seed(0)
     x, y, mask = decoy_tabular(8)
-    data = DictDataset(input=x, target=y, mask=mask)
-    model = MLP(optimizer="sgd", lr=0.5)
-    reference = copy.deepcopy(model)
     weight = 2.0
-
-    run = trainer(
+    results = assert_ddp_matches_single(
+        _sgd_mlp,
+        lambda: [ExplanationPenalty(method=method, weight=weight)],
+        DictDataset(input=x, target=y, mask=mask),
+        batch_size=8,  # each rank sees 4 of the 8 samples
         max_steps=1,
-        devices=2,
-        strategy="ddp_spawn",
-        use_distributed_sampler=True,
-        callbacks=[ExplanationPenalty(method=method, weight=weight)],
     )
-    run.fit(model, loader(data, 4))  # each rank sees 4 of the 8 samples
 
-    if method == "rrr":
-        penalty = rrr_penalty(reference, x, mask)
-    else:
-        penalty = cdep_penalty(*contextual_decomposition(reference, x, mask))
+    def penalty(model):
+        if method == "rrr":
+            return rrr_penalty(model, x, mask)
+        return cdep_penalty(*contextual_decomposition(model, x, mask))
+
     # the logged value is the mean over ranks (sync_dist), which equals the penalty on the global batch
-    assert run.callback_metrics[f"xai/{method}_step"].item() == pytest.approx(penalty.item(), rel=1e-5)
-    loss = F.cross_entropy(reference(x), y) + weight * penalty
-    gradients = torch.autograd.grad(loss, list(reference.parameters()))
-    # ddp_spawn sends the trained weights back to the main process
-    for parameter, before, gradient in zip(model.parameters(), reference.parameters(), gradients):
-        torch.testing.assert_close(parameter.detach(), before.detach() - 0.5 * gradient, atol=1e-5, rtol=1e-4)
+    assert results[2]["values"][f"xai/{method}_step"] == pytest.approx(penalty(_sgd_mlp()).item(), rel=1e-5)
+    _assert_one_sgd_step(results[2]["parameters"], lambda m: F.cross_entropy(m(x), y) + weight * penalty(m))
 
 
 @pytest.mark.parametrize("conditional", [False, True])
@@ -62,67 +65,73 @@ def test_ddp_mutual_information_regularizer_equals_single_process_on_global_batc
     x = torch.randn(n, 4, generator=g)
     y = torch.randint(0, 2, (n,), generator=g)
     sex, race = torch.randint(0, 2, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)
-    data = DictDataset(input=x, target=y, sex=sex, race=race)
-    torch.manual_seed(0)
-    model = MLP(optimizer="sgd", lr=0.5)
-    reference = copy.deepcopy(model)
     weight = 3.0
-    regularizer = MutualInformationRegularizer(
-        ["sex", "race"], [2, 3], weight=weight, conditional_on_target=conditional
+    results = assert_ddp_matches_single(
+        _sgd_mlp,
+        lambda: [
+            MutualInformationRegularizer(["sex", "race"], [2, 3], weight=weight, conditional_on_target=conditional)
+        ],
+        DictDataset(input=x, target=y, sex=sex, race=race),
+        batch_size=n,  # each rank sees half of the batch, and some cells only on one rank
+        max_steps=1,
     )
-    run = trainer(max_steps=1, devices=2, strategy="ddp_spawn", use_distributed_sampler=True, callbacks=[regularizer])
-    run.fit(model, loader(data, n // 2))  # each rank sees half of the batch, and some cells only on one rank
 
-    logits = reference(x)
-    penalty = mutual_information_penalty(
-        logits.softmax(1), torch.stack([sex, race], 1), [2, 3], y, conditional_on_target=conditional
-    )
+    def penalty(model):
+        groups = torch.stack([sex, race], 1)
+        return mutual_information_penalty(model(x).softmax(1), groups, [2, 3], y, conditional_on_target=conditional)
+
     # every rank computes the global-batch estimate from the gathered cell sums
-    assert run.callback_metrics["xai/mutual_information_step"].item() == pytest.approx(penalty.item(), rel=1e-5)
-    loss = F.cross_entropy(logits, y) + weight * penalty
-    gradients = torch.autograd.grad(loss, list(reference.parameters()))
-    for parameter, before, gradient in zip(model.parameters(), reference.parameters(), gradients):
-        torch.testing.assert_close(parameter.detach(), before.detach() - 0.5 * gradient, atol=1e-5, rtol=1e-4)
+    assert results[2]["values"]["xai/mutual_information_step"] == pytest.approx(penalty(_sgd_mlp()).item(), rel=1e-5)
+    _assert_one_sgd_step(results[2]["parameters"], lambda m: F.cross_entropy(m(x), y) + weight * penalty(m))
 
 
 def test_ddp_fairness_metrics_equal_single_process():
     from lightning_xai.callbacks import FairnessMetrics
     from tests.callbacks.test_fairness_metrics import Classifier, tabular
 
-    data = tabular(64)
-    values = {}
-    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
-        callback = FairnessMetrics(["sex", "race"], [2, 3], attribute_columns={"sex": [2, 3], "race": [4, 5, 6]})
-        run = trainer(devices=devices, strategy=strategy, use_distributed_sampler=True, callbacks=[callback])
-        run.validate(Classifier(), loader(DictDataset(**data), 16))
-        values[devices] = {k: v.item() for k, v in run.callback_metrics.items() if k.startswith("fair/")}
-    assert values[1].keys() == values[2].keys() and len(values[1]) > 40
-    for key, value in values[1].items():
-        assert values[2][key] == pytest.approx(value, abs=1e-6), key
+    results = assert_ddp_matches_single(
+        Classifier,
+        lambda: [FairnessMetrics(["sex", "race"], [2, 3], attribute_columns={"sex": [2, 3], "race": [4, 5, 6]})],
+        DictDataset(**tabular(64)),
+        batch_size=16,
+        stage="validate",
+        prefixes=("fair/",),
+        atol=1e-6,
+        rtol=0.0,
+        parameters=False,
+    )
+    assert len(results[1]["values"]) > 40
 
 
 def test_ddp_concept_heads_without_find_unused_parameters_equal_single_process():
     from lightning_xai.callbacks import AdversarialConceptHead, ControlConceptHead
     from tests.callbacks.test_concept_heads import SGDEncoder, planted
 
-    data = planted(16)
-    results = {}
-    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):  # ddp_spawn: find_unused_parameters=False
+    built = {}
+
+    def make_model():
         torch.manual_seed(0)
-        model = SGDEncoder()
+        built["model"] = SGDEncoder()
+        return built["model"]
+
+    def make_heads():
         heads = [
             AdversarialConceptHead("encoder", "gender", 2, reversal=0.5, schedule="constant"),
             ControlConceptHead("encoder", "control", 2),
         ]
-        run = trainer(max_steps=1, devices=devices, strategy=strategy, use_distributed_sampler=True, callbacks=heads)
         for head in heads:  # the same initial heads in both runs (setup keeps existing heads)
             torch.manual_seed(1)
-            head.setup(run, model, "fit")
-        run.fit(model, loader(DictDataset(**data), 16 // devices))
-        results[devices] = {name: p.detach().clone() for name, p in model.named_parameters()}
-    assert any(name.startswith("xai_concept_heads.gender_adversary") for name in results[2])
-    for name, value in results[1].items():
-        torch.testing.assert_close(results[2][name], value, atol=1e-5, rtol=1e-4, msg=name)
+            head.setup(None, built["model"], "fit")
+        return heads
+
+    results = assert_ddp_matches_single(
+        make_model,
+        make_heads,
+        DictDataset(**planted(16)),
+        batch_size=16,
+        max_steps=1,  # ddp_spawn: no unused params
+    )
+    assert any(name.startswith("xai_concept_heads.gender_adversary") for name in results[2]["parameters"])
 
 
 def test_ddp_concept_effect_gathers_rows_from_all_ranks():
@@ -136,21 +145,57 @@ def test_ddp_concept_effect_gathers_rows_from_all_ranks():
         reference.classifier.weight.add_(
             torch.randn(reference.classifier.weight.shape, generator=torch.Generator().manual_seed(2))
         )
-    values = {}
-    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
-        callback = ConceptEffect("encoder", "gender", reference_model=reference, distance="tv")
-        run = trainer(devices=devices, strategy=strategy, use_distributed_sampler=True, callbacks=[callback])
+
+    def make_model():
         torch.manual_seed(1)
-        run.validate(Encoder(), loader(DictDataset(**data), 16))
-        values[devices] = {k: v.item() for k, v in run.callback_metrics.items() if k.startswith("concept/")}
-    assert {"concept/gender/treate", "concept/gender/ate_gt", "concept/gender/conexp"} <= values[2].keys()
-    assert values[1]["concept/gender/treate"] > 0.01
-    for key in ("treate", "ate_gt", "conexp", "treate_low", "ate_gt_high"):
-        assert values[2][f"concept/gender/{key}"] == pytest.approx(values[1][f"concept/gender/{key}"], rel=1e-5)
-    # the probe's split depends on the row order, which the distributed sampler interleaves: close, not equal
-    assert values[2]["concept/gender/probe_accuracy"] == pytest.approx(
-        values[1]["concept/gender/probe_accuracy"], abs=0.1
+        return Encoder()
+
+    results = assert_ddp_matches_single(
+        make_model,
+        lambda: [ConceptEffect("encoder", "gender", reference_model=reference, distance="tv")],
+        DictDataset(**data),
+        batch_size=32,
+        stage="validate",
+        prefixes=("concept/",),
+        # the probe's split depends on the row order, which the distributed sampler interleaves: close, not equal
+        ignore=("probe_accuracy", "probe_majority"),
+        rtol=1e-5,
+        atol=0.0,
+        parameters=False,
     )
+    single, distributed = results[1]["values"], results[2]["values"]
+    assert {"concept/gender/treate", "concept/gender/ate_gt", "concept/gender/conexp"} <= distributed.keys()
+    assert single["concept/gender/treate"] > 0.01
+    assert distributed["concept/gender/probe_accuracy"] == pytest.approx(
+        single["concept/gender/probe_accuracy"], abs=0.1
+    )
+
+
+@pytest.mark.parametrize(
+    "terms",
+    [("cdep", "adversary"), ("rrr", "mutual_information")],
+    ids=["cdep+adversary", "rrr+mutual_information"],
+)
+def test_ddp_pairs_of_loss_terms_on_one_cnn_equal_single_process(terms):
+    from tests.callbacks.test_composition import CNN_TERMS, cnn_batch, cnn_model, seed_heads
+
+    built = {}
+
+    def make_model():
+        built["model"] = cnn_model()
+        return built["model"]
+
+    def make_callbacks():  # heads made in the main process: ddp_spawn returns only parameters the model had
+        return seed_heads(built["model"], [CNN_TERMS[term]() for term in terms])
+
+    results = assert_ddp_matches_single(
+        make_model,
+        make_callbacks,
+        cnn_batch(16),
+        batch_size=16,
+        max_steps=1,
+    )
+    assert len([k for k in results[2]["values"] if k.endswith("_step") and k != "xai/total_step"]) == 2
 
 
 def test_callbacks_destroy_a_gloo_group_at_exit_before_python_finalizes(tmp_path):
