@@ -233,7 +233,8 @@ def assert_ddp_matches_single(
     Every batch of the single process holds ``batch_size`` samples; each DDP rank gets half of them (the
     distributed sampler), so the two runs see the same global batches. Asserts that the logged values whose keys
     start with ``prefixes`` (except those ending with a suffix in ``ignore``) and (with ``parameters``) the trained
-    parameters agree, in the spirit of torchmetrics' ``MetricTester``. ``ddp_spawn`` returns rank 0's parameters and ``callback_metrics`` to this process.
+    parameters agree, in the spirit of torchmetrics' ``MetricTester``. ``ddp_spawn`` returns rank 0's parameters
+    and ``callback_metrics`` to this process (parameters the model lacked before ``fit`` are not returned).
     Returns ``{devices: {"values": ..., "parameters": ...}}`` for further assertions.
     """
     results: dict[int, dict[str, Any]] = {}
