@@ -78,12 +78,12 @@ def main() -> None:
     settings = {
         "defaults (input_x_gradient, 32 samples, comprehensiveness, pictures every 5th)": lambda: AttributionMetrics(),
         "defaults + sufficiency": lambda: AttributionMetrics(metrics=["comprehensiveness", "sufficiency"]),
-        "defaults, pictures every epoch": lambda: AttributionMetrics(images_every_n_epochs=1),
+        "defaults, pictures every epoch": lambda: AttributionMetrics(pictures_every_n_epochs=1),
         "integrated_gradients 32 steps, 256 samples, 3 metrics": lambda: AttributionMetrics(
             method="integrated_gradients",
             num_samples=256,
             metrics=["infidelity", "comprehensiveness", "sufficiency"],
-            log_images=False,
+            pictures_every_n_epochs=0,
         ),
     }
     fastest: dict[tuple[str, str], float] = {}

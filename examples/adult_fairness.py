@@ -123,7 +123,7 @@ def train(
             NUM_VALUES,
             value_names=VALUE_NAMES,
             attribute_columns=dataset.attribute_columns,
-            plot_every_n_epochs=max(args.epochs // 2, 1),
+            pictures_every_n_epochs=max(args.epochs // 2, 1),
         )
     ]
     if weight > 0:

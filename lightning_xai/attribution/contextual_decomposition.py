@@ -88,8 +88,17 @@ def _traced(model: nn.Module, forward: Callable[..., Any] | None, num_extra: int
                 "into a submodule and register a rule for that module with "
                 "lightning_xai.attribution.register_cd_rule."
             ) from error
-        per_model[key] = fx.GraphModule(adapter, graph)
+        graph_module = fx.GraphModule(adapter, graph)
+        # values the output does not need (a dict entry beside the logits, a detached copy) have no rule to meet
+        graph_module.graph.eliminate_dead_code(is_impure_node=_mutates)
+        graph_module.recompile()
+        per_model[key] = graph_module
     return per_model[key]
+
+
+def _mutates(node: fx.Node) -> bool:
+    # in-place tensor methods (x.add_(y)) change a value without using their result: never drop them
+    return node.is_impure() or (node.op == "call_method" and str(node.target).endswith("_"))
 
 
 def returns_single_tensor(model: nn.Module) -> bool:

@@ -10,7 +10,15 @@ from lightning_xai.callbacks import AttributionMetrics
 from lightning_xai.datasets import DecoyDigits
 from lightning_xai.errors import MissingBatchKeyError, MissingMixinError, XAIConfigurationError
 from lightning_xai.metrics import Comprehensiveness, RegionAttributionMass
-from tests.helpers import DictDataset, LSTMTextClassifier, SmallCNN, loader, token_decoy_data, trainer
+from tests.helpers import (
+    DictDataset,
+    LSTMTextClassifier,
+    SmallCNN,
+    assert_ddp_matches_single,
+    loader,
+    token_decoy_data,
+    trainer,
+)
 
 
 class ValidatingCNN(SmallCNN):
@@ -29,7 +37,7 @@ def _callback(**kwargs):
         metrics=["comprehensiveness", "region_attribution_mass"],
         num_samples=32,
         batch_size=16,
-        log_images=False,
+        pictures_every_n_epochs=0,
     )
     options.update(kwargs)
     return AttributionMetrics(**options)
@@ -105,7 +113,7 @@ def test_text_model_is_explained_on_embeddings_and_tokens_are_logged(tmp_path):
 
 
 def test_heatmaps_reach_the_csv_logger(tmp_path):
-    callback = _callback(log_images=True, num_images=4)
+    callback = _callback(pictures_every_n_epochs=5, num_images=4)
     run = trainer(max_epochs=1, callbacks=[callback], logger=CSVLogger(tmp_path, name="images"))
     run.fit(ValidatingCNN(), loader(_digits(32), 16), loader(_digits(32, "val"), 16))
     pngs = list(tmp_path.rglob("*.png"))
@@ -124,7 +132,7 @@ def test_heatmaps_are_rendered_for_the_logger_and_only_when_there_is_one(tmp_pat
 
     monkeypatch.setattr(visualization, "render_heatmaps", counting_render)
     for logger in (False, CSVLogger(tmp_path, name="images")):
-        callback = _callback(log_images=True, num_images=4, images_every_n_epochs=1)
+        callback = _callback(pictures_every_n_epochs=1, num_images=4)
         run = trainer(max_epochs=2, callbacks=[callback], logger=logger)
         run.fit(ValidatingCNN(), loader(_digits(32), 16), loader(_digits(32, "val"), 16))
         assert callback.epochs_computed == 2 and len(rendered) == (2 if logger else 0)
@@ -156,18 +164,24 @@ def _file_sharing():
     torch.multiprocessing.set_sharing_strategy(previous)
 
 
+@pytest.mark.ddp
 def test_ddp_spawn_gives_the_single_process_value(_file_sharing):
     # 16 validation samples, probe of 16: one process explains all of them, two ranks 8 each.
-    values = {}
-    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
+    def make_model():
         torch.manual_seed(0)
-        callback = _callback(num_samples=16)
-        run = trainer(devices=devices, strategy=strategy, callbacks=[callback])
-        run.validate(ValidatingCNN(), loader(_digits(16, "val"), 8), verbose=False)
-        values[devices] = {k: v.item() for k, v in run.callback_metrics.items() if k.startswith("attr/")}
-    assert values[1].keys() == values[2].keys() and values[1]
-    for key in values[1]:
-        assert values[2][key] == pytest.approx(values[1][key], rel=1e-4)
+        return ValidatingCNN()
+
+    assert_ddp_matches_single(
+        make_model,
+        lambda: [_callback(num_samples=16)],
+        _digits(16, "val"),
+        batch_size=16,
+        stage="validate",
+        prefixes=("attr/",),
+        atol=0.0,
+        rtol=1e-4,
+        parameters=False,
+    )
 
 
 class MaskedMeanText(XAIMixin, pl.LightningModule):
@@ -235,7 +249,7 @@ def test_text_model_with_attention_masks_runs_through_the_callback():
         metrics=["comprehensiveness", "infidelity"],
         num_samples=16,
         method_kwargs={"n_steps": 8},
-        log_images=False,
+        pictures_every_n_epochs=0,
     )
     run = trainer(max_epochs=1, callbacks=[callback])
     run.fit(MaskedMeanText(), loader(data, 16), loader(data, 16))
