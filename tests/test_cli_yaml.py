@@ -1,14 +1,15 @@
-"""Every ready LightningCLI snippet in ``callbacks/*.yaml`` loads, builds its callbacks and trains."""
+"""Every ready LightningCLI snippet in ``callbacks/*.yaml`` loads, builds its callbacks and trains, under the
+LightningCLI of ``pytorch_lightning`` and of ``lightning.pytorch``."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import yaml
 from torch import nn
@@ -17,9 +18,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_xai import XAIMixin
 from lightning_xai.callbacks import LossTerm
+from tests.helpers import bind
 
 pytest.importorskip("jsonargparse")
-from pytorch_lightning.cli import LightningCLI  # noqa: E402  (needs jsonargparse)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 YAML_FILES = sorted((REPO_ROOT / "callbacks").glob("*.yaml"))
@@ -50,7 +51,7 @@ class _RandomDictDataset(Dataset):
         }
 
 
-class TinyDataModule(pl.LightningDataModule):
+class TinyDataModuleBody:
     def __init__(self, batch_size: int = 8) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -62,7 +63,7 @@ class TinyDataModule(pl.LightningDataModule):
         return DataLoader(_RandomDictDataset(), batch_size=self.batch_size)
 
 
-class TinyModel(XAIMixin, pl.LightningModule):
+class TinyModelBody(XAIMixin):
     def __init__(self, num_classes: int = 3) -> None:
         super().__init__()
         self.net = nn.Sequential(
@@ -93,10 +94,11 @@ def _resolve(class_path: str) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def _build_cli(yaml_path: Path, *extra_args: str) -> LightningCLI:
-    return LightningCLI(
-        TinyModel,
-        TinyDataModule,
+def _build_cli(package: ModuleType, yaml_path: Path, *extra_args: str) -> Any:
+    cli = importlib.import_module(f"{package.__name__}.cli")
+    return cli.LightningCLI(
+        bind(TinyModelBody, package),
+        bind(TinyDataModuleBody, package, "LightningDataModule"),
         run=False,
         save_config_callback=None,
         seed_everything_default=0,
@@ -118,11 +120,13 @@ def test_there_are_yaml_snippets() -> None:
 
 
 @pytest.mark.parametrize("yaml_path", YAML_FILES, ids=[p.name for p in YAML_FILES])
-def test_yaml_builds_the_declared_callbacks(yaml_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_yaml_builds_the_declared_callbacks(
+    yaml_path: Path, monkeypatch: pytest.MonkeyPatch, lightning_package: ModuleType
+) -> None:
     monkeypatch.setattr(sys, "argv", ["train.py"])  # pytest's own arguments are not the CLI's
     declared = _declared_callbacks(yaml_path)
     assert declared, f"{yaml_path.name} declares no trainer.callbacks"
-    cli = _build_cli(yaml_path)
+    cli = _build_cli(lightning_package, yaml_path)
     for entry in declared:
         cls = _resolve(entry["class_path"])
         instances = [cb for cb in cli.trainer.callbacks if isinstance(cb, cls)]
@@ -138,9 +142,12 @@ def test_yaml_builds_the_declared_callbacks(yaml_path: Path, monkeypatch: pytest
 
 
 @pytest.mark.parametrize("yaml_path", YAML_FILES, ids=[p.name for p in YAML_FILES])
-def test_yaml_trains_and_logs_its_terms(yaml_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_yaml_trains_and_logs_its_terms(
+    yaml_path: Path, monkeypatch: pytest.MonkeyPatch, lightning_package: ModuleType
+) -> None:
     monkeypatch.setattr(sys, "argv", ["train.py"])
-    cli = _build_cli(yaml_path, "--trainer.max_steps=2")
+    cli = _build_cli(lightning_package, yaml_path, "--trainer.max_steps=2")
+    assert isinstance(cli.trainer, lightning_package.Trainer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 2
     metrics = cli.trainer.callback_metrics

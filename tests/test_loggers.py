@@ -1,7 +1,8 @@
 """Pictures, HTML and tables reach TensorBoard, CSV, MLflow and W&B (offline), next to the module's scalars.
 
 Each backend test trains a tiny model for one epoch with a callback that logs from ``on_validation_epoch_end``, then
-reads what the backend stored back from disk.
+reads what the backend stored back from disk, under ``pytorch_lightning`` and under ``lightning.pytorch`` (whose
+logger classes are separate copies).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xai import loggers as xai_loggers
+from lightning_xai._lightning import Callback
 from lightning_xai.loggers import log_html, log_image, log_table
 from lightning_xai.visualization import highlight_tokens_html
+from tests.helpers import bind
 
 H, W = 12, 20
 IMAGE = np.zeros((H, W, 3), dtype=np.uint8)
@@ -38,7 +41,7 @@ COLUMNS = ["group", "rate"]
 ROWS = [["a|b", 0.5], ["c", 0.25]]
 
 
-class TinyModel(pl.LightningModule):
+class TinyModelBody:
     def __init__(self):
         super().__init__()
         self.net = nn.Linear(4, 1)
@@ -57,7 +60,7 @@ class TinyModel(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class MediaCallback(pl.Callback):
+class MediaCallback(Callback):  # a callback of either package's Trainer
     def __init__(self):
         self.steps: list[int] = []
 
@@ -69,11 +72,11 @@ class MediaCallback(pl.Callback):
         log_table(trainer, "fairness/groups", COLUMNS, ROWS, step=step)
 
 
-def _fit(logger) -> tuple[pl.Trainer, MediaCallback]:
+def _fit(logger, package=pl) -> tuple[pl.Trainer, MediaCallback]:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(16, 4), torch.randn(16))
     callback = MediaCallback()
-    trainer = pl.Trainer(
+    trainer = package.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=1,
@@ -85,8 +88,10 @@ def _fit(logger) -> tuple[pl.Trainer, MediaCallback]:
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(TinyModel(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    model = bind(TinyModelBody, package)()
+    trainer.fit(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
     assert callback.steps == [2]
+    trainer.xai_test_model, trainer.xai_test_data = model, DataLoader(data, batch_size=8)
     return trainer, callback
 
 
@@ -109,12 +114,12 @@ def _assert_csv_table(text: str) -> None:
     assert list(csv.reader(io.StringIO(text))) == [COLUMNS, ["a|b", "0.5"], ["c", "0.25"]]
 
 
-def test_tensorboard_and_csv_receive_pictures_html_tables_and_scalars(tmp_path):
+def test_tensorboard_and_csv_receive_pictures_html_tables_and_scalars(tmp_path, lightning_package):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tb = TensorBoardLogger(str(tmp_path), name="tb")
-    csv_logger = CSVLogger(str(tmp_path), name="csv")
-    _fit([tb, csv_logger])
+    tb = lightning_package.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    csv_logger = lightning_package.loggers.CSVLogger(str(tmp_path), name="csv")
+    _fit([tb, csv_logger], lightning_package)
 
     acc = EventAccumulator(tb.log_dir, size_guidance={"images": 0, "tensors": 0, "scalars": 0})
     acc.Reload()
@@ -140,6 +145,17 @@ def test_tensorboard_and_csv_receive_pictures_html_tables_and_scalars(tmp_path):
     with open(Path(csv_logger.log_dir) / "metrics.csv") as f:
         metrics = list(csv.DictReader(f))
     assert any(row["val_loss"] for row in metrics) and any(row["train_loss"] for row in metrics)
+
+
+def test_validate_and_test_after_fit_keep_the_fits_csv_pictures(tmp_path, lightning_package):
+    csv_logger = lightning_package.loggers.CSVLogger(str(tmp_path), name="csv")
+    trainer, _ = _fit(csv_logger, lightning_package)
+    heatmaps = Path(csv_logger.log_dir) / "media" / "attribution_heatmap"
+    before = (heatmaps / "step_2.png").read_bytes()
+    trainer.validate(trainer.xai_test_model, trainer.xai_test_data, verbose=False)
+    assert sorted(p.name for p in heatmaps.iterdir()) == ["step_2.png", "validate_step_2.png"]
+    assert (heatmaps / "step_2.png").read_bytes() == before
+    _assert_png(heatmaps / "validate_step_2.png")
 
 
 class _NotSupportedLogger(Logger):
@@ -210,15 +226,14 @@ def test_image_conversion_and_validation(tmp_path):
         log_table(trainer, "bad", COLUMNS, [["a"]], step=0)
 
 
-def test_mlflow_local_file_store_receives_artifacts_and_scalars(tmp_path, monkeypatch):
+def test_mlflow_local_file_store_receives_artifacts_and_scalars(tmp_path, monkeypatch, lightning_package):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
-    from pytorch_lightning.loggers import MLFlowLogger
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow >= 3.x refuses file stores without it
     uri = f"file:{tmp_path}/mlruns"
-    logger = MLFlowLogger(experiment_name="xai", tracking_uri=uri)
-    _fit(logger)
+    logger = lightning_package.loggers.MLFlowLogger(experiment_name="xai", tracking_uri=uri)
+    trainer, _ = _fit(logger, lightning_package)
 
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(logger.run_id)
@@ -228,6 +243,14 @@ def test_mlflow_local_file_store_receives_artifacts_and_scalars(tmp_path, monkey
     _assert_csv_table((artifacts / "media" / "fairness_groups" / "step_2.csv").read_text(encoding="utf-8"))
     assert {"train_loss", "val_loss"} <= set(run.data.metrics)
     assert [m.step for m in client.get_metric_history(logger.run_id, "val_loss")] == [1]
+
+    # validate() after fit logs at the same global step: a file of its own, the fit's picture stays
+    before = (artifacts / "media" / "attribution_heatmap" / "step_2.png").read_bytes()
+    trainer.validate(trainer.xai_test_model, trainer.xai_test_data, verbose=False)
+    trainer.validate(trainer.xai_test_model, trainer.xai_test_data, verbose=False)
+    names = sorted(p.name for p in (artifacts / "media" / "attribution_heatmap").iterdir())
+    assert names == ["step_2.png", "validate_step_2-2.png", "validate_step_2.png"]
+    assert (artifacts / "media" / "attribution_heatmap" / "step_2.png").read_bytes() == before
 
 
 def _wandb_records(path: Path) -> list[bytes]:
@@ -255,16 +278,15 @@ def _wandb_records(path: Path) -> list[bytes]:
     return records
 
 
-def test_wandb_offline_run_receives_media_and_scalars(tmp_path, monkeypatch):
+def test_wandb_offline_run_receives_media_and_scalars(tmp_path, monkeypatch, lightning_package):
     wandb = pytest.importorskip("wandb")
-    from pytorch_lightning.loggers import WandbLogger
     from wandb.proto import wandb_internal_pb2
 
     for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}.items():
         monkeypatch.setenv(name, value)
-    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="xai")
+    logger = lightning_package.loggers.WandbLogger(save_dir=str(tmp_path), offline=True, project="xai")
     try:
-        _fit(logger)
+        _fit(logger, lightning_package)
     finally:
         wandb.finish()
 
