@@ -197,3 +197,19 @@ def test_total_and_chosen_terms_are_on_the_progress_bar(lightning_package):
     run.fit(Quiet(), data)
     assert not any(key.startswith("xai/") for key in run.progress_bar_metrics)
     assert "xai/total_step" in run.callback_metrics
+
+
+@pytest.mark.parametrize("wrap", sorted(OUTPUTS))
+def test_attribution_metrics_read_logits_from_every_output_kind(wrap):
+    from lightning_xai.callbacks import AttributionMetrics
+
+    x, y, mask = decoy_tabular(16)
+    data = DictDataset(input=x, target=y, mask=mask)
+    values = {}
+    for kind in ("tensor", wrap):
+        callback = AttributionMetrics(
+            "saliency", metrics=["comprehensiveness", "region_attribution_mass"], dataset=data
+        )
+        trainer(max_epochs=1, callbacks=[callback]).fit(bind(OutputMLPBody)(kind), loader(data, 8))
+        values[kind] = callback.last_values
+    assert values[wrap] == pytest.approx(values["tensor"]) and len(values[wrap]) == 2

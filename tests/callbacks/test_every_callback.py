@@ -133,3 +133,15 @@ def test_every_stage_runs_with_every_callback(name, lightning_package):
             assert any(key.startswith(("test/" if stage == "test" else "") + prefix) for key in metrics)
     predictions = run.predict(model, _data())
     assert len(predictions) == 2 and predictions[0].shape == (8, 3)
+
+
+def test_the_old_picture_and_prefix_arguments_still_work_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match=r"log_images= is deprecated; use pictures_every_n_epochs=0"):
+        assert AttributionMetrics(log_images=False).pictures_every_n_epochs == 0
+    with pytest.warns(DeprecationWarning, match=r"images_every_n_epochs= is deprecated"):
+        assert AttributionMetrics(images_every_n_epochs=3).pictures_every_n_epochs == 3
+    with pytest.warns(DeprecationWarning, match=r"plot_every_n_epochs= is deprecated"):
+        assert FairnessMetrics(["sex"], [2], plot_every_n_epochs=4).pictures_every_n_epochs == 4
+    with pytest.warns(DeprecationWarning, match=r"prefix= is deprecated; use name="):
+        callback = FairnessMetrics(["sex"], [2], prefix="fairness")
+    assert callback.name == "fairness" and callback.key("dp_diff", "test") == "test/fairness/dp_diff"
