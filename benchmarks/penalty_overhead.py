@@ -7,6 +7,10 @@ inputs (batch 256) and the CDEP paper's SST classifier size: Embedding(300) + LS
 Interference on a shared machine only ever slows a run down, so every configuration is measured in
 ``--rounds`` interleaved rounds and its fastest median is kept.
 
+Composition rows: CDEP next to a hook on a submodule (a user's hook, as a concept head or an ``output_layer`` capture
+installs) cannot share the step's forward and decomposes on its own; the row next to it shows that cost, and
+"cdep + control head" a realistic pair.
+
 The vanilla LSTM step runs oneDNN's fused CPU kernel; a second reference row times the same step on
 PyTorch's native (unfused) LSTM, the kernel a step-by-step decomposition competes with.
 
@@ -35,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from color_digits import ColorCNN  # noqa: E402
 
 from lightning_xai import XAIMixin  # noqa: E402
-from lightning_xai.callbacks import ExplanationPenalty  # noqa: E402
+from lightning_xai.callbacks import ControlConceptHead, ExplanationPenalty  # noqa: E402
 from lightning_xai.masks import OccupancyMaskSampler  # noqa: E402
 
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -74,6 +78,14 @@ class DemoCNN(ColorCNN):
         return F.cross_entropy(self(batch["input"]), batch["target"])
 
 
+class _SubmoduleHook(pl.Callback):
+    """A user's own forward hook on the first convolution (it only counts calls)."""
+
+    def setup(self, trainer, pl_module, stage):
+        self.calls = 0
+        pl_module.features[0].register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+
+
 class _StepTimer(pl.Callback):
     def __init__(self) -> None:
         self.durations: list[float] = []
@@ -100,6 +112,10 @@ def _median_step(model_factory, batch, callbacks, steps: int) -> float:
     )
     trainer.fit(model_factory(), DataLoader([batch] * steps, batch_size=None))
     return statistics.median(timer.durations[2:])
+
+
+def _as_list(callbacks) -> list:
+    return callbacks if isinstance(callbacks, list) else [callbacks]
 
 
 def main() -> None:
@@ -132,6 +148,13 @@ def main() -> None:
                 "rrr": lambda: ExplanationPenalty(method="rrr"),
                 "expected_gradients": lambda: ExplanationPenalty(method="expected_gradients"),
                 "input_x_gradient": lambda: ExplanationPenalty(method="input_x_gradient"),
+                "vanilla + submodule hook": lambda: [_SubmoduleHook()],
+                "cdep + submodule hook (own decomposition)": lambda: [ExplanationPenalty("cdep"), _SubmoduleHook()],
+                "control head": lambda: ControlConceptHead("features", "target", 10),
+                "cdep + control head": lambda: [
+                    ExplanationPenalty("cdep"),
+                    ControlConceptHead("features", "target", 10),
+                ],
             },
         ),
         (
@@ -152,7 +175,7 @@ def main() -> None:
         if factory is LSTMClassifier:
             configurations.append((title, "vanilla, native unfused LSTM", factory, batch, lambda: [], True))
         for label, make in penalties.items():
-            configurations.append((title, label, factory, batch, lambda make=make: [make()], False))
+            configurations.append((title, label, factory, batch, lambda make=make: _as_list(make()), False))
     fastest: dict[tuple[str, str], float] = {}
     for _ in range(args.rounds):
         for title, label, factory, batch, callbacks, unfused in configurations:
@@ -169,7 +192,7 @@ def main() -> None:
     previous_title = None
     for title, label, *_ in configurations:
         seconds, vanilla = fastest[(title, label)], fastest[(title, "vanilla")]
-        target = TARGETS.get(label.split(" ")[0])
+        target = None if "+" in label else TARGETS.get(label.split(" ")[0])
         table.add_row(
             title if title != previous_title else "",
             label,
