@@ -122,6 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--models", nargs="+", choices=["cnn", "lstm"], default=["cnn", "lstm"])
     args = parser.parse_args()
     console = Console(width=120)
     generator = torch.Generator().manual_seed(0)
@@ -169,6 +170,7 @@ def main() -> None:
             },
         ),
     ]
+    setups = [setup for setup in setups if setup[0].split(" ")[0].lower() in args.models]
     configurations = []
     for title, factory, batch, penalties in setups:
         configurations.append((title, "vanilla", factory, batch, lambda: [], False))

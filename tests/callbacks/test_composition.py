@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -26,7 +27,7 @@ from lightning_xai.callbacks import (
 )
 from lightning_xai.callbacks._concept_head import ConceptHead
 from lightning_xai.masks import collate_annotations
-from tests.helpers import DictDataset, bind, loader, trainer
+from tests.helpers import DictDataset, LSTMTextClassifierBody, bind, loader, trainer
 
 LR = 0.5
 
@@ -58,28 +59,12 @@ class CompositionCNNBody(XAIMixin):
         return torch.optim.SGD(self.parameters(), lr=LR)
 
 
-class CompositionTextBody(XAIMixin):
+class CompositionTextBody(LSTMTextClassifierBody):
     def __init__(self):
-        super().__init__()
         torch.manual_seed(0)
-        self.embedding = nn.Embedding(40, 16)
-        self.lstm = nn.LSTM(16, 16, batch_first=True)
-        self.head = nn.Linear(16, 2)
+        super().__init__(vocab=40, embed=16, hidden=16, classes=2)
 
-    def forward(self, input_ids):
-        return self.xai_forward_from_embeddings(self.embedding(input_ids), {})
-
-    def xai_embed(self, input_ids):
-        return self.embedding(input_ids)
-
-    def xai_forward_from_embeddings(self, embeddings, batch):
-        output, _ = self.lstm(embeddings)
-        return self.head(output[:, -1])
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch["input_ids"]), batch["labels"])
-
-    def configure_optimizers(self):
+    def configure_optimizers(self):  # SGD: one step is linear in the gradients
         return torch.optim.SGD(self.parameters(), lr=LR)
 
 
@@ -202,3 +187,51 @@ def test_cdep_shares_the_step_forward_unless_a_submodule_is_hooked(partner, shar
     assert callbacks[0].steps_sharing_forward == int(shares)
     for name, step in vanilla.items():
         torch.testing.assert_close(moved[name], alone[0][0][name] + alone[1][0][name] - step, atol=2e-6, rtol=1e-4)
+
+
+class NormedCNNBody(CompositionCNNBody):
+    def __init__(self, norm: str):
+        super().__init__()
+        self.norm = norm
+        wrap = {
+            "old weight_norm": nn.utils.weight_norm,  # recomputes the weight in a forward pre-hook
+            "weight_norm": nn.utils.parametrizations.weight_norm,  # recomputes it on every access
+            "old spectral_norm": nn.utils.spectral_norm,
+        }[norm]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # old-style weight_norm is deprecated
+            self.head = wrap(self.head)
+
+
+def test_cdep_trains_through_old_style_weight_norm_as_through_the_parametrized_one():
+    # the pre-hook of old-style weight_norm makes CDEP decompose after the ordinary forward (it crashed at step
+    # 2 when the decomposition replaced that forward); the parametrized one shares the forward: same training
+    moved = {}
+    for norm in ("old weight_norm", "weight_norm"):
+        model = bind(NormedCNNBody)(norm)
+        penalty = ExplanationPenalty("cdep", weight=2.0)
+        trainer(max_steps=3, callbacks=[penalty]).fit(model, loader(cnn_batch(24), 8))
+        moved[norm] = (penalty.steps_sharing_forward, model.features[0].weight.detach().clone(), model.head)
+    assert moved["old weight_norm"][0] == 0 and moved["weight_norm"][0] == 3
+    torch.testing.assert_close(moved["old weight_norm"][1], moved["weight_norm"][1], atol=1e-6, rtol=1e-5)
+    old, new = moved["old weight_norm"][2], moved["weight_norm"][2]
+    torch.testing.assert_close(old.weight_g, new.parametrizations.weight.original0, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(old.weight_v, new.parametrizations.weight.original1, atol=1e-6, rtol=1e-5)
+
+
+def test_cdep_keeps_training_the_weight_under_old_style_spectral_norm():
+    # spectral_norm's pre-hook recomputes the weight from weight_orig; without it the weight went stale and
+    # weight_orig stopped updating
+    model = bind(NormedCNNBody)("old spectral_norm")
+    before = model.head.weight_orig.detach().clone()
+    penalty = ExplanationPenalty("cdep", weight=2.0)
+    steps = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            steps.append(pl_module.head.weight_orig.detach().clone())
+
+    trainer(max_steps=3, callbacks=[penalty, Watch()]).fit(model, loader(cnn_batch(24), 8))
+    assert penalty.steps_sharing_forward == 0 and penalty.steps_seen == 3
+    for previous, current in zip([before, *steps], steps):
+        assert (current - previous).abs().max() > 1e-6  # weight_orig moves on every step
