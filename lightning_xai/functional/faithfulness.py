@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai.errors import XAIConfigurationError
+from lightning_xai.functional.fairness import as_probabilities
 
 Baseline = float | Tensor
 
@@ -66,13 +67,8 @@ def class_probability(model: nn.Module, inputs: Tensor, target: Tensor | None = 
             f"the model returned {type(logits).__name__}, not a tensor of logits; wrap it so that it returns the "
             "(N, K) logits."
         )
-    if logits.dim() == 2 and logits.shape[1] == 1:
-        logits = logits[:, 0]
-    if logits.dim() == 1:
-        p1 = torch.sigmoid(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits)
-        probs = torch.stack([1 - p1, p1], dim=1)
-    elif logits.dim() == 2:
-        probs = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=1)
+    if logits.dim() in (1, 2):
+        probs = as_probabilities(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits)
     else:
         raise XAIConfigurationError(
             f"the model returned logits of shape {tuple(logits.shape)} for inputs of shape {tuple(inputs.shape)}; "

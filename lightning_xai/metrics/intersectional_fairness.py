@@ -12,6 +12,7 @@ from torchmetrics import Metric
 
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional.fairness import (
+    as_probabilities,
     cell_confusion_counts,
     dependence_from_statistics,
     fairness_report,
@@ -40,14 +41,14 @@ def positive_probability(preds: Tensor, positive_class: int = 1) -> Tensor:
         preds = preds[:, 0]
     is_probability = bool(((preds >= 0) & (preds <= 1)).all()) if preds.numel() else True
     if preds.dim() == 1:
-        return preds if is_probability else torch.sigmoid(preds)
+        return preds if is_probability else as_probabilities(preds)[:, 1]
     if preds.dim() != 2 or not 0 <= positive_class < preds.shape[1]:
         raise XAIConfigurationError(
             f"predictions must be (N,) or (N, C) with positive_class={positive_class} < C, got shape "
             f"{tuple(preds.shape)}."
         )
     sums_to_one = torch.allclose(preds.sum(1), torch.ones_like(preds[:, 0]))
-    probs = preds if is_probability and sums_to_one else preds.softmax(1)
+    probs = preds if is_probability and sums_to_one else as_probabilities(preds)
     return probs[:, positive_class]
 
 
