@@ -18,6 +18,7 @@ import importlib.util
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import lightning_utilities.core.rank_zero as _rank_zero
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
 __all__ = [
@@ -31,8 +32,13 @@ __all__ = [
     "rank_zero_warn",
 ]
 
-# (import name, distribution to pip install)
-_CANDIDATES = (("pytorch_lightning", "pytorch-lightning"), ("lightning.pytorch", "lightning"))
+# import names; pytorch_lightning last, see _shared_state below
+_CANDIDATES = ("lightning.pytorch", "pytorch_lightning")
+# Both packages set these globals of lightning_utilities when imported (the logger of rank-zero messages, the
+# category of deprecations), and the last import wins: importing the second package here would re-route the
+# messages of the user's Trainer to the other package's logger, past a `logging.getLogger("pytorch_lightning")`
+# the user configured. The package the user imported first keeps them; if none was, pytorch_lightning's do.
+_SHARED_STATE = ("log", "rank_zero_deprecation_category")
 
 
 def _installed(name: str) -> bool:
@@ -42,8 +48,18 @@ def _installed(name: str) -> bool:
         return False
 
 
-#: the installed Lightning packages, ``pytorch_lightning`` first
-PACKAGES: tuple[ModuleType, ...] = tuple(importlib.import_module(name) for name, _ in _CANDIDATES if _installed(name))
+def _import_packages() -> tuple[ModuleType, ...]:
+    already = _rank_zero.log.name != _rank_zero.__name__  # a Lightning package has set the shared state
+    before = {name: getattr(_rank_zero, name) for name in _SHARED_STATE if hasattr(_rank_zero, name)}
+    packages = tuple(importlib.import_module(name) for name in _CANDIDATES if _installed(name))
+    if already:
+        for name, value in before.items():
+            setattr(_rank_zero, name, value)
+    return packages
+
+
+#: the installed Lightning packages
+PACKAGES: tuple[ModuleType, ...] = _import_packages()
 if not PACKAGES:
     raise ImportError(
         "lightning_xai's callbacks and loggers need PyTorch Lightning, and neither `lightning` nor "
@@ -74,8 +90,8 @@ def logger_types(name: str) -> tuple[type, ...]:
     """The logger class ``name`` (``"CSVLogger"``) of every installed package that has it.
 
     Examples:
-        >>> [cls.__module__.split(".")[0] for cls in logger_types("CSVLogger")][:1]
-        ['pytorch_lightning']
+        >>> len(logger_types("CSVLogger")) == len(PACKAGES)
+        True
     """
     classes = []
     for package in PACKAGES:

@@ -88,3 +88,20 @@ def test_the_causalm_example_runs_with_the_examples_extra_only():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LEACE" not in result.stdout  # the concept-erasure baseline is left out without its package
     assert "TReATE" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("imports", "logger"),
+    [
+        ("import lightning_xai.callbacks; import pytorch_lightning", "pytorch_lightning"),
+        ("import pytorch_lightning; import lightning_xai.callbacks", "pytorch_lightning"),
+        ("import lightning; import lightning_xai.callbacks", "lightning.pytorch"),
+    ],
+)
+def test_importing_both_packages_keeps_the_users_lightning_logger(imports, logger):
+    # both packages point lightning_utilities' shared rank-zero logger at their own on import; the library's
+    # import of the other one must not re-route the user's Trainer messages past their logging configuration
+    code = f"{imports}\nfrom lightning_utilities.core import rank_zero\nprint('logger:', rank_zero.log.name)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"logger: {logger}.utilities.rank_zero" in result.stdout
