@@ -277,6 +277,7 @@ class FairnessMetrics(EpochMetricCallback):
         counts = [values[f"cell/{name}/count"] for name in names]
         dp = values.get("dp_diff", math.nan)
         eo = values.get("eo_diff", math.nan)
-        title = f"epoch {trainer.current_epoch}: DP difference {dp:.3f}, EO difference {eo:.3f}"
+        when = "test set" if stage == "test" else f"epoch {trainer.current_epoch}"
+        title = f"{when}: DP difference {dp:.3f}, EO difference {eo:.3f}"
         image = render_cell_rates(names, rates, counts, title)
         log_image(trainer, self.key("cell_rates", stage), image, trainer.global_step)
