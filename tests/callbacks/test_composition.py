@@ -68,10 +68,6 @@ class CompositionTextBody(LSTMTextClassifierBody):
         return torch.optim.SGD(self.parameters(), lr=LR)
 
 
-def cnn_model():
-    return bind(CompositionCNNBody)()
-
-
 def cnn_batch(n: int = 8, seed: int = 0) -> DictDataset:
     g = torch.Generator().manual_seed(seed)
     return DictDataset(

@@ -176,13 +176,14 @@ def test_ddp_concept_effect_gathers_rows_from_all_ranks():
     [("cdep", "adversary"), ("rrr", "mutual_information")],
     ids=["cdep+adversary", "rrr+mutual_information"],
 )
-def test_ddp_pairs_of_loss_terms_on_one_cnn_equal_single_process(terms):
-    from tests.callbacks.test_composition import CNN_TERMS, cnn_batch, cnn_model, seed_heads
+def test_ddp_pairs_of_loss_terms_on_one_cnn_equal_single_process(terms, lightning_package):
+    from tests.callbacks.test_composition import CNN_TERMS, CompositionCNNBody, cnn_batch, seed_heads
+    from tests.helpers import bind
 
     built = {}
 
     def make_model():
-        built["model"] = cnn_model()
+        built["model"] = bind(CompositionCNNBody, lightning_package)()
         return built["model"]
 
     def make_callbacks():  # heads made in the main process: ddp_spawn returns only parameters the model had
@@ -194,6 +195,7 @@ def test_ddp_pairs_of_loss_terms_on_one_cnn_equal_single_process(terms):
         cnn_batch(16),
         batch_size=16,
         max_steps=1,
+        package=lightning_package,
     )
     assert len([k for k in results[2]["values"] if k.endswith("_step") and k != "xai/total_step"]) == 2
 
