@@ -26,7 +26,6 @@ __all__ = [
     "Callback",
     "Trainer",
     "LightningModule",
-    "is_lightning_module",
     "logger_types",
     "rank_zero_info",
     "rank_zero_warn",
@@ -77,14 +76,6 @@ else:
     Callback.__doc__ = "Lightning's ``Callback`` of every installed Lightning package (see lightning_xai._lightning)."
     Trainer = Any
     LightningModule = Any
-
-_LIGHTNING_MODULES: tuple[type, ...] = tuple(package.LightningModule for package in PACKAGES)
-
-
-def is_lightning_module(module: object) -> bool:
-    """Whether ``module`` is a ``LightningModule`` of any installed Lightning package."""
-    return isinstance(module, _LIGHTNING_MODULES)
-
 
 def logger_types(name: str) -> tuple[type, ...]:
     """The logger class ``name`` (``"CSVLogger"``) of every installed package that has it.
