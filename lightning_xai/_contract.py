@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -130,6 +131,28 @@ def forward_logits(model: nn.Module, inputs: Tensor, where: str) -> Tensor:
     with torch.no_grad():
         output = forward(inputs) if callable(forward) else model(inputs)
     return require_logits(output, where, getattr(model, "xai_logits_key", LOGITS_KEY))
+
+
+# ------------------------------------------------------------------------------------------------ names
+
+# What every logger accepts in a key component and a file name: MLflow refuses "..", TensorBoard and W&B tags and
+# the CSV/MLflow media folders are safe with these characters only.
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
+
+
+def check_name(value: Any, what: str, where: str) -> str:
+    """``value`` if it is a valid part of a log key, else an ``XAIConfigurationError`` naming it and the rule.
+
+    Examples:
+        >>> check_name("gender_adversary", "name", "ConceptHead")
+        'gender_adversary'
+    """
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or value in (".", ".."):
+        raise XAIConfigurationError(
+            f"{where}: {what} {value!r} becomes part of the log keys and file names, so it may use only letters, "
+            "digits, '_', '-' and '.' (1 to 100 characters, not '.' or '..'). Choose another name."
+        )
+    return value
 
 
 # ------------------------------------------------------------------------------------------------ modules

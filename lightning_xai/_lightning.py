@@ -77,6 +77,7 @@ else:
     Trainer = Any
     LightningModule = Any
 
+
 def logger_types(name: str) -> tuple[type, ...]:
     """The logger class ``name`` (``"CSVLogger"``) of every installed package that has it.
 

@@ -35,3 +35,11 @@ class XAIConfigurationError(XAIError, ValueError):
 
 class GroupValueError(XAIError, ValueError):
     """A protected attribute holds a value outside the range its callback or metric was configured with."""
+
+
+class MaskValueError(XAIError, ValueError):
+    """A mask holds a NaN or a weight outside ``[0, 1]``."""
+
+
+class LabelValueError(XAIError, ValueError):
+    """A class label (a target, a concept label) is not an integer class of its range."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import io
 import os
 import re
@@ -42,10 +43,13 @@ from typing import Any
 import numpy as np
 
 from lightning_xai._lightning import Trainer, logger_types, rank_zero_warn
+from lightning_xai._text import visible_text
 
 __all__ = ["log_html", "log_image", "log_table"]
 
 _WARNED: set[tuple[str, ...]] = set()
+# media folder -> the key that claimed it first in this process
+_FOLDERS: dict[str, str] = {}
 # (folder or run id, file name) written by this process: a second picture of one key and step gets a suffix
 _WRITTEN: set[tuple[str, str]] = set()
 
@@ -58,9 +62,16 @@ def _warn_once(key: tuple[str, ...], message: str) -> None:
 
 
 def _safe_name(key: str) -> str:
-    """A file-system safe folder name for a metric key: ``"attr/heatmap" -> "attr_heatmap"``."""
-    name = re.sub(r"[^A-Za-z0-9_.\-]+", "_", key).strip("._")
-    return name or "media"
+    """A file-system safe folder name for a metric key: ``"attr/heatmap" -> "attr_heatmap"``.
+
+    Two keys that map to one folder (``"attr/x"`` and ``"attr_x"``) would mix their files: the second key to
+    arrive in this process gets a suffix from its own hash (``attr_x-3f1c2a9b``).
+    """
+    name = re.sub(r"[^A-Za-z0-9_.\-]+", "_", key).strip("._") or "media"
+    owner = _FOLDERS.setdefault(name, key)
+    if owner == key:
+        return name
+    return f"{name}-{hashlib.sha1(key.encode('utf-8')).hexdigest()[:8]}"
 
 
 def _as_uint8_rgb(image: np.ndarray) -> np.ndarray:
@@ -105,11 +116,19 @@ def _wrap_html(key: str, fragment: str) -> str:
     )
 
 
+def _inert_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: strings starting with ``= + - @`` (or a tab or carriage
+    return) would be evaluated as formulas (``=HYPERLINK(...)``); a leading ``'`` keeps them text (OWASP)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def _csv_text(columns: list[str], rows: list[list]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows(rows)
+    writer.writerow([_inert_cell(c) for c in columns])
+    writer.writerows([[_inert_cell(v) for v in row] for row in rows])
     return buf.getvalue()
 
 
@@ -315,7 +334,8 @@ def log_html(trainer: Trainer, key: str, html: str, step: int) -> None:
     Args:
         trainer: The running trainer; its ``loggers`` receive the HTML (only on global rank 0).
         key: Name of the entry, e.g. ``"attribution/tokens"``.
-        html: The HTML fragment. It is logged as given: escape user text before building it.
+        html: The HTML fragment. It is logged as given, except that invisible control and bidirectional
+            characters are shown as ``<U+202E>`` markers: escape user text before building it.
         step: Global step (or epoch) the entry belongs to.
 
     Examples:
@@ -325,7 +345,7 @@ def log_html(trainer: Trainer, key: str, html: str, step: int) -> None:
     """
     if not _active(trainer):
         return
-    _dispatch(trainer, "html", _HTML, key, int(step), str(html))
+    _dispatch(trainer, "html", _HTML, key, int(step), visible_text(str(html), html=True))
 
 
 def log_table(trainer: Trainer, key: str, columns: list[str], rows: list[list], step: int) -> None:
@@ -335,7 +355,8 @@ def log_table(trainer: Trainer, key: str, columns: list[str], rows: list[list], 
         trainer: The running trainer; its ``loggers`` receive the table (only on global rank 0).
         key: Name of the table, e.g. ``"fairness/groups"``.
         columns: Column names.
-        rows: Rows, each with ``len(columns)`` values (numbers or strings).
+        rows: Rows, each with ``len(columns)`` values (numbers or strings). In CSV files and artifacts a string
+            that a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@`` first) starts with ``'``.
         step: Global step (or epoch) the table belongs to.
 
     Raises:
@@ -346,8 +367,8 @@ def log_table(trainer: Trainer, key: str, columns: list[str], rows: list[list], 
         >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
         >>> log_table(trainer, "fairness/groups", ["group", "rate"], [["a", 0.5], ["b", 0.25]], step=0)
     """
-    columns = [str(c) for c in columns]
-    rows = [list(r) for r in rows]
+    columns = [visible_text(str(c)) for c in columns]
+    rows = [[visible_text(v) if isinstance(v, str) else v for v in r] for r in rows]
     for i, row in enumerate(rows):
         if len(row) != len(columns):
             raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -9,7 +10,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from lightning_xai.errors import MaskShapeError
+from lightning_xai._random import SeededGenerator
+from lightning_xai.errors import MaskShapeError, MaskValueError
 from lightning_xai.functional._masks import broadcast_mask
 
 __all__ = ["OccupancyMaskSampler", "broadcast_mask", "collate_annotations", "masks_from_annotations", "spans_to_mask"]
@@ -59,7 +61,14 @@ def masks_from_annotations(annotation: Any, inputs: Tensor) -> tuple[Tensor, Ten
     if isinstance(annotation, Tensor):
         mask = annotation.to(inputs.device)
         if mask.is_floating_point():
-            missing = torch.isnan(mask).flatten(1).all(1) if mask.dim() > 1 else torch.isnan(mask)
+            nan = torch.isnan(mask).flatten(1) if mask.dim() > 1 else torch.isnan(mask)[:, None]
+            missing = nan.all(1)
+            partial = nan.any(1) & ~missing
+            if bool(partial.any()):
+                raise MaskValueError(
+                    f"the masks of samples {partial.nonzero().flatten().tolist()[:10]} hold NaN in some features "
+                    "only; an all-NaN row marks a sample without annotation, a partly NaN one is a data error."
+                )
             mask = torch.nan_to_num(mask, nan=0.0)
         else:
             mask = mask.float()
@@ -195,7 +204,7 @@ class OccupancyMaskSampler:
         self.num_masks = num_masks
         self.occupancy = None if occupancy is None else torch.as_tensor(occupancy, dtype=torch.float)
         self._count = 0 if occupancy is None else -1  # -1: given, not estimated
-        self.generator = torch.Generator().manual_seed(seed)
+        self.random = SeededGenerator(seed)  # plain data in pickles: ddp_spawn sends the sampler to its workers
 
     @staticmethod
     def _feature_shape(inputs: Tensor) -> tuple[int, ...]:
@@ -232,7 +241,9 @@ class OccupancyMaskSampler:
         n = inputs.shape[0]
         features = probabilities.numel()
         draws = min(self.num_masks, features)
-        chosen = torch.multinomial(probabilities.expand(n, -1), draws, replacement=False, generator=self.generator)
+        chosen = torch.multinomial(
+            probabilities.expand(n, -1), draws, replacement=False, generator=self.random.generator
+        )
         masks = torch.zeros(draws, n, features)
         masks.scatter_(2, chosen.T.unsqueeze(2), 1.0)
         masks = masks.view(draws * n, *shape)
@@ -241,9 +252,24 @@ class OccupancyMaskSampler:
         return masks.to(device=inputs.device, dtype=inputs.dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"occupancy": self.occupancy, "count": self._count, "generator": self.generator.get_state()}
+        return {"occupancy": self.occupancy, "count": self._count, "generator": self.random.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.occupancy = state["occupancy"]
+        """Restores the draws; an occupancy given to this sampler is kept (a warning says if the checkpoint differs)."""
+        self.random.set_state(state["generator"])
+        saved = state["occupancy"]
+        if self._count < 0 and self.occupancy is not None:  # the user gave one: their configuration wins
+            if (
+                saved is None
+                or tuple(saved.shape) != tuple(self.occupancy.shape)
+                or not torch.allclose(saved, self.occupancy)
+            ):
+                warnings.warn(
+                    "OccupancyMaskSampler: the checkpoint was drawn with another occupancy than the one given to "
+                    "this sampler; the given occupancy is kept (the draws continue from the checkpoint's state).",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return
+        self.occupancy = saved
         self._count = state["count"]
-        self.generator.set_state(state["generator"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,16 @@ def _wrap_training_step(step: Callable[..., Any]) -> Callable[..., Any]:
             raise XAIConfigurationError(
                 f"{type(self).__name__}.training_step returned {type(output).__name__}; XAIMixin adds its terms "
                 "to a returned loss tensor or to the 'loss' entry of a returned dict."
+            )
+        if isinstance(loss, Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+            # the mixin sees the task loss before Lightning does: say whose number it is
+            warnings.warn(
+                f"rank {getattr(self._trainer, 'global_rank', 0)}: {type(self).__name__}.training_step returned a "  # type: ignore[attr-defined]
+                f"non-finite loss ({loss.detach().float().mean().item()}) at global step "
+                f"{self._trainer.global_step}, before lightning_xai added its terms: the task loss itself is NaN or "  # type: ignore[attr-defined]
+                "infinite (check the inputs, the learning rate and the loss).",
+                UserWarning,
+                stacklevel=2,
             )
         total = self._xai_total(context, terms)
         if isinstance(output, Tensor):
@@ -233,29 +244,50 @@ class XAIMixin:
     @_eager
     def _xai_total(self, context: StepContext, terms: list[LossTerm]) -> Tensor:
         trainer = self._trainer  # type: ignore[attr-defined]
-        values: dict[str, Tensor] = {}
-        total: Tensor | None = None
-        batch_size = batch_rows(context.data)
+        computed: list[tuple[LossTerm, float, Tensor]] = []
         for term in terms:
             weight = term.current_weight(trainer)
-            if weight == 0.0:
+            if weight == 0.0:  # the weight follows global_step: every rank skips alike
                 continue
-            value = term.compute_term(self, context)
+            computed.append((term, weight, term.compute_term(self, context)))
             term.steps_seen += 1
-            if not torch.isfinite(value.detach()).all():
+        reference = next(iter(self.parameters()))  # type: ignore[attr-defined]
+        total = torch.zeros((), device=reference.device)
+        values: dict[str, Tensor] = {}
+        for (term, weight, value), bad_ranks in zip(computed, self._xai_non_finite_ranks(computed)):
+            if bad_ranks:
                 term.steps_skipped += 1
+                where = f"rank {bad_ranks[0]}" if len(bad_ranks) == 1 else f"ranks {bad_ranks}"
                 rank_zero_warn(
-                    f"{term.term_name}: the term is {value.item()} at global step {trainer.global_step}; it is left "
-                    "out of this step's loss (training goes on). Frequent skips point at exploding logits or "
-                    "NaN inputs."
+                    f"{term.term_name}: the term is not finite on {where} at global step {trainer.global_step}; it is "
+                    "left out of this step's loss on every rank (training goes on). Frequent skips point at "
+                    "exploding logits or NaN inputs."
                 )
+                # parameters only the term uses stay in the graph with zero gradient, as DDP expects every step
+                for parameter in term.own_parameters(self):
+                    total = total + 0.0 * parameter.sum()
                 continue
             values[term.term_name] = value.detach()
-            weighted = weight * value
-            total = weighted if total is None else total + weighted
-        if total is None:
-            reference = next(iter(self.parameters()))  # type: ignore[attr-defined]
-            total = torch.zeros((), device=reference.device)
+            total = total + weight * value
+        self._xai_log(terms, values, total, batch_rows(context.data))
+        return total
+
+    def _xai_non_finite_ranks(self, computed: list[tuple[LossTerm, float, Tensor]]) -> list[list[int]]:
+        """Per computed term, the ranks on which it is NaN or infinite; one all-gather under DDP.
+
+        Every rank must skip a term together: a term skipped on one rank only is logged on the others, and their
+        ``self.log(..., sync_dist=True)`` all-reduces would wait forever for it.
+        """
+        if not computed:
+            return []
+        finite = torch.stack([torch.isfinite(value.detach()).all() for _, _, value in computed])
+        trainer = self._trainer  # type: ignore[attr-defined]
+        if trainer.world_size == 1:
+            return [[] if ok else [0] for ok in finite.tolist()]
+        gathered = self.all_gather(finite.to(torch.int32)).reshape(trainer.world_size, -1)  # type: ignore[attr-defined]
+        return [[rank for rank, ok in enumerate(column.tolist()) if not ok] for column in gathered.T]
+
+    def _xai_log(self, terms: list[LossTerm], values: dict[str, Tensor], total: Tensor, batch_size: int | None) -> None:
         log = self.log  # type: ignore[attr-defined]
         shown = {term.term_name for term in terms if term.prog_bar}
         for name, value in values.items():
@@ -277,4 +309,3 @@ class XAIMixin:
             sync_dist=True,
             prog_bar=self.xai_prog_bar,
         )
-        return total

@@ -21,7 +21,9 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.lines import Line2D
 
-__all__ = ["highlight_tokens_html", "render_cell_rates", "render_heatmaps", "render_tokens_png"]
+from lightning_xai._text import visible_text
+
+__all__ = ["highlight_tokens_html", "render_cell_rates", "render_heatmaps", "render_tokens_png", "visible_text"]
 
 _DPI = 100
 # render_heatmaps layout in pixels: one 160 px column per example, two square panels with bands for the labels
@@ -137,7 +139,16 @@ def render_heatmaps(
     fig.figimage(np.round(mosaic * 255).astype(np.uint8), xo=0, yo=0, origin="upper", resize=False)
 
     def label(x_px: float, y_px: float, text: str, **kwargs: object) -> None:  # pixel position from the top left
-        fig.text(x_px / width_px, 1.0 - y_px / _HEATMAP_HEIGHT, text, ha="center", va="center", **kwargs)
+        # user text ($ signs, backslashes) is shown as written, never parsed as mathtext
+        fig.text(
+            x_px / width_px,
+            1.0 - y_px / _HEATMAP_HEIGHT,
+            visible_text(text),
+            ha="center",
+            va="center",
+            parse_math=False,
+            **kwargs,
+        )
 
     for i in range(n):
         centre = i * _HEATMAP_COLUMN + _PANEL_LEFT + _PANEL_PX / 2
@@ -216,7 +227,7 @@ def highlight_tokens_html(tokens: list[str], scores: Sequence[float]) -> str:
         spans.append(
             f'<span title="{html.escape(f"{score:+.4g}", quote=True)}" '
             f'style="background-color:rgb({r},{g},{b});color:{text};padding:1px 3px;border-radius:3px">'
-            f"{html.escape(str(token), quote=True)}</span>"
+            f"{html.escape(visible_text(token), quote=True)}</span>"
         )
     return '<div class="xai-tokens" style="line-height:1.9;font-family:sans-serif">' + " ".join(spans) + "</div>"
 
@@ -255,7 +266,9 @@ def render_tokens_png(
         )
     if width_px < 50:
         raise ValueError(f"render_tokens_png: width_px must be >= 50, got {width_px}.")
-    rows = [(list(map(str, t)), _scores_list(t, s, "render_tokens_png")) for t, s in zip(token_rows, score_rows)]
+    rows = [
+        (list(map(visible_text, t)), _scores_list(t, s, "render_tokens_png")) for t, s in zip(token_rows, score_rows)
+    ]
 
     fontsize = 11.0
     font = FontProperties(family="DejaVu Sans", size=fontsize)
@@ -367,14 +380,15 @@ def render_cell_rates(
             ax.text(x, 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color=colour)
         if defined.any():
             ax.axhline(float(values[defined].mean()), color=colour, linestyle="--", linewidth=0.8, alpha=0.7)
+    names = [visible_text(name) for name in names]
     labels = names if counts is None else [f"{name}\n(n={int(c)})" for name, c in zip(names, counts)]
     ax.set_xticks(positions)
-    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7, parse_math=False)
     ax.set_ylim(0.0, 1.2)  # the band above 1 holds the legend, clear of the bars
     ax.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("rate")
     ax.legend(fontsize=7, ncols=max(len(series), 1), loc="upper center", frameon=False)
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(visible_text(title), fontsize=9, parse_math=False)
     fig.tight_layout()
     return _figure_to_rgb(fig)

@@ -100,7 +100,6 @@ def test_every_example_of_the_page_runs(page, short_training, tmp_path, monkeypa
     if not blocks:
         pytest.skip(f"{page} has no Python example")
     monkeypatch.chdir(tmp_path)  # examples write logs into the working directory
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setattr(sys, "argv", ["example", "1"])  # scripts that read an epoch count get 1
     namespace = {"__name__": "__main__", **_context(short_training, tmp_path)}
     for index, code in enumerate(blocks):

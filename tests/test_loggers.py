@@ -226,12 +226,13 @@ def test_image_conversion_and_validation(tmp_path):
         log_table(trainer, "bad", COLUMNS, [["a"]], step=0)
 
 
-def test_mlflow_local_file_store_receives_artifacts_and_scalars(tmp_path, monkeypatch, lightning_package):
+def test_mlflow_sqlite_store_receives_artifacts_and_scalars(tmp_path, monkeypatch, lightning_package):
     pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow >= 3.x refuses file stores without it
-    uri = f"file:{tmp_path}/mlruns"
+    monkeypatch.chdir(tmp_path)  # the store keeps its artifacts under ./mlruns
+    uri = f"sqlite:///{tmp_path}/mlruns.db"  # mlflow 3 refuses local file stores by default
     logger = lightning_package.loggers.MLFlowLogger(experiment_name="xai", tracking_uri=uri)
     trainer, _ = _fit(logger, lightning_package)
 

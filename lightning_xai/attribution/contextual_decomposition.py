@@ -24,11 +24,33 @@ from lightning_xai.attribution._cd_rules import (
     find_module_rule,
     has_decomposition,
 )
-from lightning_xai.errors import MaskShapeError, UnsupportedLayerError
-from lightning_xai.functional._masks import broadcast_mask
+from lightning_xai.errors import MaskShapeError, UnsupportedLayerError, XAIError
+from lightning_xai.functional._masks import broadcast_mask, check_mask_values
 from lightning_xai.functional.contextual_decomposition import Decomposition, tie_share
 
 _MAX_EXTRA_ARGS = 4
+
+
+def _trace_failure(model: nn.Module, error: Exception) -> str:
+    first = str(error).splitlines()[0] if str(error) else ""
+    message = (
+        f"contextual_decomposition could not trace {type(model).__name__}.forward with torch.fx: "
+        f"{type(error).__name__}: {first}. "
+    )
+    if "control flow" in str(error) or "iterated" in str(error):
+        message += (
+            "The forward branches or loops on a tensor's value, which fx cannot trace (it traces with placeholder "
+            "values). "
+        )
+    else:
+        message += (
+            "fx traces forward with placeholder values: code that needs real values there (a Python number from "
+            "a tensor, a non-torch function called on one, a shape used as a Python int) fails. "
+        )
+    return message + (
+        "Move that code into a submodule and register a rule for the submodule with "
+        "lightning_xai.attribution.register_cd_rule (modules with a rule are not traced into)."
+    )
 
 
 def _uncompiled_forward(module: nn.Module) -> Callable[..., Any]:
@@ -44,6 +66,9 @@ def _uncompiled_forward(module: nn.Module) -> Callable[..., Any]:
 
 class _CDTracer(fx.Tracer):
     """Stops at modules that have a rule (an LSTM, a BatchNorm) and traces into everything else."""
+
+    # buffers become graph values too: `self.idx.expand(x.size(0), -1)` mixes a buffer with traced sizes
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         if find_module_rule(module) is not None:
@@ -81,13 +106,8 @@ def _traced(model: nn.Module, forward: Callable[..., Any] | None, num_extra: int
         adapter = _ForwardAdapter(model, forward, num_extra)
         try:
             graph = _CDTracer().trace(adapter)
-        except Exception as error:  # fx raises many kinds of errors on dynamic control flow
-            raise UnsupportedLayerError(
-                f"contextual_decomposition could not trace {type(model).__name__}.forward with torch.fx: "
-                f"{type(error).__name__}: {error}. Data-dependent control flow cannot be traced: move it "
-                "into a submodule and register a rule for that module with "
-                "lightning_xai.attribution.register_cd_rule."
-            ) from error
+        except Exception as error:  # fx raises many kinds of errors on what it cannot trace
+            raise UnsupportedLayerError(_trace_failure(model, error)) from error
         graph_module = fx.GraphModule(adapter, graph)
         # values the output does not need (a dict entry beside the logits, a detached copy) have no rule to meet
         graph_module.graph.eliminate_dead_code(is_impure_node=_mutates)
@@ -122,7 +142,20 @@ def _module_path(node: fx.Node) -> str:
 
 
 class _CDInterpreter(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        # our errors name the node and the module path; fx's own appendix points at its internal log tooling
+        self.extra_traceback = False
+
     def run_node(self, node: fx.Node) -> Any:
+        try:
+            return self._run_node(node)
+        except XAIError:
+            raise
+        except Exception as error:  # a rule or an op meeting a value the trace did not foresee
+            raise UnsupportedLayerError(_failure(node, error)) from error
+
+    def _run_node(self, node: fx.Node) -> Any:
         if node.op in ("placeholder", "get_attr", "output"):
             return super().run_node(node)
         args, kwargs = self.fetch_args_kwargs_from_env(node)
@@ -165,6 +198,26 @@ class _CDInterpreter(fx.Interpreter):
             raise UnsupportedLayerError(
                 f"contextual decomposition does not support {error} ({what} at '{where}')."
             ) from None
+
+
+def _failure(node: fx.Node, error: Exception) -> str:
+    """Why interpreting ``node`` failed, in terms of the user's forward rather than fx internals."""
+    args, _ = node.args, node.kwargs
+    message = (
+        f"contextual decomposition failed at '{_module_path(node)}' (fx node '{node.name}', {node.op} "
+        f"{getattr(node.target, '__name__', node.target)}): {type(error).__name__}: {str(error).splitlines()[0]}. "
+        "The decomposition runs the graph torch.fx recorded while tracing forward with placeholder values, so a "
+        "Python branch on a value or a type (if x.sum() > 0, isinstance(output, tuple)) stays as tracing saw it. "
+    )
+    if any(isinstance(arg, fx.Node) and arg.op == "call_module" for arg in args):
+        message += (
+            "Here an output of a module with a rule is used as it came out of tracing; a module such as nn.LSTM "
+            "returns a tuple, so unpack it unconditionally (out, state = self.lstm(x)) instead of testing its type. "
+        )
+    return message + (
+        "Otherwise move the code into a submodule and register a rule for it with "
+        "lightning_xai.attribution.register_cd_rule."
+    )
 
 
 def _has_token_ids(value: Any) -> bool:
@@ -252,7 +305,7 @@ def decompose(
         masked_mass = start.relevant.detach().abs().sum(per_sample_dims)
         input_share = masked_mass / inputs.detach().abs().sum(per_sample_dims).clamp_min(1e-12)
     else:
-        mask = torch.as_tensor(mask, device=inputs.device)
+        mask = check_mask_values(torch.as_tensor(mask, device=inputs.device))
         if mask.dim() == 1 and inputs.dim() == 2 and mask.shape[0] == inputs.shape[1]:
             mask = mask.expand_as(inputs)
         if mask.shape != inputs.shape:

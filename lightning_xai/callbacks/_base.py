@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from typing_extensions import override
 
-from lightning_xai._contract import HookHandles, is_compiled
+from lightning_xai._contract import HookHandles, check_name, is_compiled
 from lightning_xai._lightning import Callback, LightningModule, Trainer, rank_zero_warn
 from lightning_xai.callbacks._distributed import destroy_gloo_group_at_exit
 from lightning_xai.errors import MissingMixinError, XAIConfigurationError
@@ -42,9 +42,7 @@ class XAICallback(Callback):
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__()
-        if name is not None and (not isinstance(name, str) or not name):
-            raise XAIConfigurationError(f"{type(self).__name__}: name must be a non-empty string, got {name!r}.")
-        self._name = name
+        self._name = None if name is None else check_name(name, "name", type(self).__name__)
         #: hooks on the model installed by the callback, removed by :meth:`remove_hooks`
         self.hooks = HookHandles()
 

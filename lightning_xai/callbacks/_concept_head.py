@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,10 +14,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from typing_extensions import override
 
-from lightning_xai._contract import StepContext, named_submodule
+from lightning_xai._contract import StepContext, check_name, named_submodule
 from lightning_xai._lightning import LightningModule, Trainer, rank_zero_info
 from lightning_xai.callbacks._loss_term import LossTerm, Schedule
 from lightning_xai.errors import XAIConfigurationError
+from lightning_xai.functional._labels import class_labels
 from lightning_xai.functional.concepts import Pooling, gradient_reversal, pool
 from lightning_xai.mixin import XAIMixin
 
@@ -106,6 +109,8 @@ class ConceptHead(LossTerm):
         self.attention_mask_key = attention_mask_key
         self.correct = 0
         self.counted = 0
+        self._counted_epoch: int | None = None  # the training epoch the counts belong to
+        check_name(self.name, "name (by default from concept_key)", type(self).__name__)
 
     def default_name(self) -> str:
         return f"{self.concept_key}_{'control' if self.objective == 'none' else 'adversary'}"
@@ -119,6 +124,10 @@ class ConceptHead(LossTerm):
         if heads is None or self.term_name not in heads:
             raise XAIConfigurationError(f"{self.where}: the head was not created; the callback's setup did not run.")
         return heads[self.term_name]
+
+    @override
+    def own_parameters(self, pl_module: XAIMixin) -> list[Tensor]:
+        return list(self.head(pl_module).parameters())  # type: ignore[arg-type]
 
     def _layer(self, pl_module: nn.Module) -> nn.Module:
         return named_submodule(pl_module, self.layer, self.where)
@@ -171,8 +180,23 @@ class ConceptHead(LossTerm):
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.correct = 0
-        self.counted = 0
+        if self._counted_epoch != trainer.current_epoch:  # a run resumed mid-epoch keeps that epoch's counts
+            self.correct = 0
+            self.counted = 0
+        self._counted_epoch = trainer.current_epoch
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(correct=self.correct, counted=self.counted, counted_epoch=self._counted_epoch)
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.correct = int(state_dict.get("correct", 0))
+        self.counted = int(state_dict.get("counted", 0))
+        self._counted_epoch = state_dict.get("counted_epoch")
 
     # ----------------------------------------------------------------- the term
 
@@ -197,7 +221,12 @@ class ConceptHead(LossTerm):
             )
         objective = OBJECTIVES[self.objective]
         features = select_features(output, self.selector, self.where)
-        labels = torch.as_tensor(context.get(self.concept_key, self.where), device=features.device).long()
+        labels = class_labels(
+            torch.as_tensor(context.get(self.concept_key, self.where)),
+            self.num_classes,
+            f"{self.where}: batch[{self.concept_key!r}]",
+            ignore_index=-100,
+        ).to(features.device)
         mask = context.data.get(self.attention_mask_key)
         features = pool(features, self.pooling, mask if isinstance(mask, Tensor) else None)
         head = self.head(pl_module)  # type: ignore[arg-type]
@@ -336,7 +365,9 @@ OBJECTIVES: dict[str, _Objective] = {
 }
 
 
-def strip_concept_heads(checkpoint: dict[str, Any] | str, output_path: str | None = None) -> dict[str, Any]:
+def strip_concept_heads(
+    checkpoint: dict[str, Any] | str | os.PathLike, output_path: str | os.PathLike | None = None
+) -> dict[str, Any]:
     """Remove the concept heads from a Lightning checkpoint (or a plain ``state_dict``), for the bare model.
 
     The heads live under ``xai_concept_heads.`` in the LightningModule's ``state_dict``. A module built without
@@ -355,9 +386,20 @@ def strip_concept_heads(checkpoint: dict[str, Any] | str, output_path: str | Non
         >>> strip_concept_heads(state)["state_dict"]
         {'net.weight': 1}
     """
-    if isinstance(checkpoint, str):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    assert isinstance(checkpoint, dict)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        path = checkpoint
+        try:  # a checkpoint is data: unpickling anything else could run code
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise XAIConfigurationError(
+                f"strip_concept_heads: {path} holds objects that torch.load(weights_only=True) refuses to unpickle "
+                f"({error}). Lightning checkpoints load that way; a file that does not is either not a checkpoint or "
+                "not safe to open. Load it yourself if you trust it, and pass the dict."
+            ) from None
+    if not isinstance(checkpoint, dict):
+        raise XAIConfigurationError(
+            f"strip_concept_heads: expected a checkpoint dict or a state_dict, got {type(checkpoint).__name__}."
+        )
     prefix = f"{HEADS_ATTRIBUTE}."
 
     def strip(state: Mapping[str, Any]) -> dict[str, Any]:

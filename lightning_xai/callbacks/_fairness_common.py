@@ -26,7 +26,12 @@ def check_attributes(attributes: Sequence[str], num_values: Sequence[int], where
 def cell_names(
     attributes: Sequence[str], num_values: Sequence[int], value_names: Mapping[str, Sequence[str]] | None
 ) -> list[str]:
-    """One log-safe name per intersectional cell, in mixed-radix order: ``Male_White``, or ``sex1_race4``."""
+    """One log-safe name per intersectional cell, in mixed-radix order: ``Male_White``, or ``sex1_race4``.
+
+    Names become key components (``fair/cell/<cell>/count``) and chart labels, so every character other than a
+    letter, a digit, ``-`` and ``.`` becomes ``-`` (a batch key such as ``../x`` or ``$\frac$`` cannot escape
+    the key or reach mathtext); two values whose names would coincide are refused.
+    """
     per_attribute = []
     for attribute, k in zip(attributes, num_values):
         names = list(value_names[attribute]) if value_names and attribute in value_names else None
@@ -34,7 +39,13 @@ def cell_names(
             raise XAIConfigurationError(
                 f"value_names[{attribute!r}] has {len(names)} names for {k} values; give one name per value."
             )
-        per_attribute.append([_safe(n) for n in names] if names else [f"{attribute}{v}" for v in range(k)])
+        safe = [_safe(n) for n in names] if names else [f"{_safe(attribute)}{v}" for v in range(k)]
+        if len(set(safe)) != k:
+            raise XAIConfigurationError(
+                f"the values of {attribute!r} get the cell names {safe} in the logs (characters other than letters, "
+                "digits, '-' and '.' become '-'), which repeat; give value_names that differ in letters or digits."
+            )
+        per_attribute.append(safe)
     cells = [""]
     for names in per_attribute:
         cells = [f"{prefix}_{name}" if prefix else name for prefix in cells for name in names]
@@ -42,8 +53,9 @@ def cell_names(
 
 
 def _safe(name: str) -> str:
-    # MLflow and TensorBoard accept [A-Za-z0-9_.-/ ] in keys; the cell name is one path component
-    return "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in str(name).strip()) or "empty"
+    # MLflow and TensorBoard accept [A-Za-z0-9_.-/ ] in keys; the cell name is one path component, never "." or ".."
+    safe = "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in str(name).strip())
+    return "empty" if not safe.strip(".") else safe
 
 
 def read_groups(data: Mapping[str, Any], attributes: Sequence[str], groups_key: str, where: str) -> Tensor:

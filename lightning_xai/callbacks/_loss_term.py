@@ -102,6 +102,10 @@ class LossTerm(XAICallback):
         self.last_weight = self.weight * self.schedule_factor(trainer)
         return self.last_weight
 
+    def own_parameters(self, pl_module: XAIMixin) -> list[Tensor]:
+        """Parameters that only this term uses (a concept head's); kept in the graph when the term is skipped."""
+        return []
+
     def prepare_step(self, pl_module: XAIMixin, context: StepContext) -> None:
         """Called before the user's ``training_step``; may hook into its forward (``context.capture``)."""
 

@@ -13,6 +13,7 @@ from lightning_xai._contract import (
     batch_rows,
     batch_view,
     capture_output,
+    check_name,
     forward_logits,
     logits_of,
     named_submodule,
@@ -22,6 +23,7 @@ from lightning_xai._lightning import LightningModule, Trainer
 from lightning_xai.callbacks._base import EpochMetricCallback, Stage
 from lightning_xai.callbacks._concept_head import select_features
 from lightning_xai.errors import XAIConfigurationError
+from lightning_xai.functional._labels import class_labels
 from lightning_xai.functional.concepts import (
     Distance,
     EffectEstimate,
@@ -33,6 +35,10 @@ from lightning_xai.functional.concepts import (
     treate,
 )
 from lightning_xai.functional.fairness import as_probabilities
+
+# rows are (N, D) features, (N,) labels or (N, C) probabilities; concept labels gather as integers
+_MAX_ROW_DIMS = 3
+_ROW_DTYPES = {"concept": torch.long}
 
 
 class ConceptEffect(EpochMetricCallback):
@@ -113,6 +119,7 @@ class ConceptEffect(EpochMetricCallback):
         self.attention_mask_key = attention_mask_key
         self.max_probe_rows = max_probe_rows
         self.probe_seed = probe_seed
+        check_name(self.name, "name (by default the concept_key)", "ConceptEffect")
         self._rows: dict[str, list[Tensor]] = {}
         self._store: dict[str, Any] = {}
 
@@ -180,7 +187,9 @@ class ConceptEffect(EpochMetricCallback):
         features = select_features(store["layer"], self.selector, self.where)
         mask = data.get(self.attention_mask_key)
         features = pool(features.detach().float(), self.pooling, mask if isinstance(mask, Tensor) else None)
-        concept = torch.as_tensor(data[self.concept_key], device=features.device).long()
+        concept = class_labels(
+            torch.as_tensor(data[self.concept_key]), None, f"{self.where}: batch[{self.concept_key!r}]"
+        ).to(features.device)
         rows = self._rows
         rows["features"].append(features.reshape(-1, features.shape[-1]))
         rows["concept"].append(concept.reshape(-1))
@@ -196,29 +205,46 @@ class ConceptEffect(EpochMetricCallback):
         self._store = {}
 
     def _gathered(self, pl_module: LightningModule, key: str) -> Tensor | None:
+        """The ``key`` rows of every rank, in rank order; ``None`` when no rank holds any.
+
+        Every rank enters the same two collectives whatever it holds (a rank without validation batches holds no
+        rows): first each rank's row count and row shape, then its rows padded to the longest. Every decision
+        after that is taken from gathered numbers, so ranks cannot part ways and wait for each other forever.
+        """
         parts = self._rows.get(key) or []
-        trainer = pl_module.trainer
         local = torch.cat(parts) if parts else None
+        trainer = pl_module.trainer
         if trainer.world_size == 1:
             return local
-        # ranks may hold different row counts: gather the counts, pad to the largest, gather, unpad
-        width = None if local is None else local.shape[1:]
-        count = torch.tensor([0 if local is None else local.shape[0]], device=pl_module.device)
-        counts = pl_module.all_gather(count).reshape(-1)
-        if int(counts.max()) == 0:
+        header = torch.full((1 + _MAX_ROW_DIMS,), -1, dtype=torch.long)
+        if local is not None:
+            if local.dim() - 1 > _MAX_ROW_DIMS:
+                raise XAIConfigurationError(f"{self.where}: {key} rows have shape {tuple(local.shape)}.")
+            header[: local.dim()] = torch.tensor(local.shape)
+        else:
+            header[0] = 0
+        headers = pl_module.all_gather(header.to(pl_module.device)).reshape(trainer.world_size, -1).cpu()
+        counts = headers[:, 0]
+        if int(counts.sum()) == 0:
             return None
-        if local is None or width is None:
-            raise XAIConfigurationError(f"ConceptEffect: rank {trainer.global_rank} collected no {key} rows.")
-        padded = torch.zeros((int(counts.max()), *width), dtype=local.dtype, device=pl_module.device)
-        padded[: local.shape[0]] = local.to(pl_module.device)
+        shapes = {tuple(int(d) for d in row[1:] if d >= 0) for row in headers if row[0] > 0}
+        if len(shapes) != 1:
+            raise XAIConfigurationError(
+                f"{self.where}: the ranks hold {key} rows of different shapes {sorted(shapes)}."
+            )
+        (width,) = shapes
+        dtype = _ROW_DTYPES.get(key, torch.float32)
+        padded = torch.zeros((int(counts.max()), *width), dtype=dtype, device=pl_module.device)
+        if local is not None:
+            padded[: local.shape[0]] = local.to(device=pl_module.device, dtype=dtype)
         gathered = pl_module.all_gather(padded)
         return torch.cat([gathered[rank, : int(n)] for rank, n in enumerate(counts.tolist())])
 
     @override
     def epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: Stage) -> None:
-        if not self._rows.get("features"):
+        features = self._gathered(pl_module, "features")  # every rank gathers, with rows or without
+        if features is None:
             return
-        features = self._gathered(pl_module, "features")
         concept = self._gathered(pl_module, "concept")
         probs = self._gathered(pl_module, "probs")
         reference = self._gathered(pl_module, "reference")

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_xai._contract import StepContext, is_compiled, require_logits
-from lightning_xai._lightning import LightningModule, Trainer
+from lightning_xai._lightning import LightningModule, Trainer, rank_zero_warn
+from lightning_xai._random import SeededGenerator
 from lightning_xai.attribution.contextual_decomposition import decompose, returns_single_tensor
 from lightning_xai.callbacks._loss_term import LossTerm, Schedule
 from lightning_xai.errors import MaskShapeError, XAIConfigurationError
@@ -24,6 +25,7 @@ from lightning_xai.functional.penalties import (
     expected_gradients_penalty,
     input_x_gradient_penalty,
     math_attention,
+    other_samples,
     rrr_penalty,
 )
 from lightning_xai.masks import OccupancyMaskSampler, masks_from_annotations
@@ -205,6 +207,10 @@ def _expected_gradients_term(job: _Job) -> Tensor:
     if penalty.num_references > 1 and not job.inputs.is_floating_point():
         # the references are drawn per row of the tiled batch: the per-sample entries follow them
         forward = _from_embeddings(job.module, job.tiled_data(job.tiles * penalty.num_references))
+    trainer = job.module.trainer  # type: ignore[attr-defined]
+    generator = penalty.random.for_rank(trainer.global_rank, trainer.world_size)
+    references = penalty.references(explained, job.n, generator)
+    penalty.remember(explained[: job.n])
     with _penalty_forward(job.module):  # type: ignore[arg-type]
         return expected_gradients_penalty(
             forward,
@@ -212,9 +218,10 @@ def _expected_gradients_term(job: _Job) -> Tensor:
             job.mask,
             target,
             penalty.num_references,
+            references=references,
             norm=penalty.norm,
             sample_weights=job.sample_weights,
-            generator=penalty.generator,
+            generator=generator,
         )
 
 
@@ -323,11 +330,14 @@ class ExplanationPenalty(LossTerm):
         self.num_references = num_references
         self.norm: Norm = norm
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        #: the penalty's random stream (Expected-Gradients references and path points), plain data in pickles
+        self.random = SeededGenerator(seed)
         self.reuses_step_forward = PENALTY_METHODS[method].reuses_step_forward and mask_sampler is None
         #: steps on which CDEP's decomposition doubled as the step's forward pass
         self.steps_sharing_forward = 0
         self._shares_forward = False
+        #: the last explained samples: Expected-Gradients references for a batch of one sample
+        self.reference_bank: Tensor | None = None
 
     def default_name(self) -> str:
         return self.method
@@ -335,6 +345,10 @@ class ExplanationPenalty(LossTerm):
     @property
     def where(self) -> str:
         return f"ExplanationPenalty(method={self.method!r}, name={self.term_name!r})"
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self.random.generator
 
     @property
     def decomposition_key(self) -> tuple[int, str]:
@@ -465,12 +479,49 @@ class ExplanationPenalty(LossTerm):
         job = _Job(self, pl_module, context, inputs, mask, sample_weights, tiles)
         return PENALTY_METHODS[self.method].term(job)
 
+    # ----------------------------------------------------------------- Expected-Gradients references
+
+    #: rows kept in :attr:`reference_bank`
+    reference_bank_size: int = 64
+
+    def references(self, explained: Tensor, samples: int, generator: torch.Generator) -> Tensor:
+        """References for the ``num_references * rows`` path starts, never a row's own sample.
+
+        A sample drawn as its own reference gets no attribution (``x - x' = 0``) and no penalty. References come
+        from the batch's other samples; a batch of one sample draws them from the samples of earlier steps
+        (:attr:`reference_bank`), and the very first such step uses a zero baseline.
+        """
+        draws = self.num_references * explained.shape[0]
+        data = explained.detach()
+        if samples >= 2:
+            return data[other_samples(samples, explained.shape[0], self.num_references, generator).to(data.device)]
+        bank = self.reference_bank
+        if bank is None or tuple(bank.shape[1:]) != tuple(data.shape[1:]):
+            rank_zero_warn(
+                f"{self.where}: a batch of one sample has no other sample to take Expected-Gradients references "
+                "from, and no earlier batch has been seen; this step uses a zero baseline (later steps draw from "
+                "the samples of earlier ones)."
+            )
+            return torch.zeros((draws, *data.shape[1:]), dtype=data.dtype, device=data.device)
+        chosen = torch.randint(0, bank.shape[0], (draws,), generator=generator)
+        return bank[chosen].to(device=data.device, dtype=data.dtype)
+
+    def remember(self, samples: Tensor) -> None:
+        """Keeps the step's samples (detached, on the CPU) as references for later batches of one sample."""
+        rows = samples[-self.reference_bank_size :].detach().float().cpu()
+        bank = self.reference_bank
+        if bank is not None and tuple(bank.shape[1:]) == tuple(rows.shape[1:]):
+            rows = torch.cat([bank, rows])
+        self.reference_bank = rows[-self.reference_bank_size :].clone()
+
     # ----------------------------------------------------------------- state
 
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["generator"] = self.generator.get_state()
+        state["generator"] = self.random.get_state()
+        if self.reference_bank is not None:
+            state["reference_bank"] = self.reference_bank
         if self.mask_sampler is not None:
             state["mask_sampler"] = self.mask_sampler.state_dict()
         return state
@@ -479,7 +530,8 @@ class ExplanationPenalty(LossTerm):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         if "generator" in state_dict:
-            self.generator.set_state(state_dict["generator"])
+            self.random.set_state(state_dict["generator"])
+        self.reference_bank = state_dict.get("reference_bank")
         if self.mask_sampler is not None and "mask_sampler" in state_dict:
             self.mask_sampler.load_state_dict(state_dict["mask_sampler"])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -51,8 +51,9 @@ class FairnessMetrics(EpochMetricCallback):
     * a bar chart of the per-cell rates, ``fair/cell_rates``, through the trainer's loggers
       (:mod:`lightning_xai.loggers`) every ``pictures_every_n_epochs`` epochs, by rank 0.
 
-    The sanity-check pass is skipped. Binary tasks: ``(N,)``/``(N, 1)`` outputs are a positive-class logit
-    (or probability), ``(N, C)`` outputs are class scores with ``positive_class`` as the positive decision.
+    The sanity-check pass is skipped. Binary tasks: ``(N,)``/``(N, 1)`` outputs score the positive class,
+    ``(N, C)`` outputs are class scores with ``positive_class`` as the positive decision; ``outputs`` says
+    whether they are logits (the default, read as the MI regularizer reads them) or probabilities.
 
     Args:
         attributes: batch keys of the protected attributes (integer codes ``0..K-1``), e.g. ``["sex", "race"]``.
@@ -70,6 +71,8 @@ class FairnessMetrics(EpochMetricCallback):
         pictures_every_n_epochs: log the bar chart on the first computation and every this many after it; 0 never.
         name: the log prefix and the name in the ``state_key``.
         every_n_epochs: compute every this many epochs of ``fit``.
+        outputs: ``"logits"`` or ``"probabilities"``: what the model returns. Never guessed from the values: a
+            batch of logits that all lie in ``[0, 1]`` would pass for probabilities.
         plot_every_n_epochs: deprecated name of ``pictures_every_n_epochs``.
         prefix: deprecated name of ``name``.
 
@@ -94,6 +97,7 @@ class FairnessMetrics(EpochMetricCallback):
         pictures_every_n_epochs: int = 1,
         name: str | None = None,
         every_n_epochs: int = 1,
+        outputs: Literal["logits", "probabilities"] = "logits",
         plot_every_n_epochs: int | None = None,
         prefix: str | None = None,
     ) -> None:
@@ -128,8 +132,15 @@ class FairnessMetrics(EpochMetricCallback):
                     f"FairnessMetrics: attribute_columns[{attribute!r}] lists {len(columns)} columns; give {k} one-hot "
                     "columns or 1 column holding the integer code."
                 )
+        self.outputs = outputs
         self.fairness = IntersectionalFairness(
-            self.num_values, self.cell_names, threshold, positive_class, min_cell_count
+            self.num_values,
+            self.cell_names,
+            threshold,
+            positive_class,
+            min_cell_count,
+            outputs=outputs,
+            attribute_names=self.attributes,
         )
         self.flip = CounterfactualFlip(self.attributes, self.num_values, self.cell_names)
         self._store: dict[str, Any] = {}
@@ -225,7 +236,7 @@ class FairnessMetrics(EpochMetricCallback):
         return forward_logits(pl_module, inputs, self.where)
 
     def _decisions(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        probability = positive_probability(logits, self.positive_class)
+        probability = positive_probability(logits, self.positive_class, self.outputs)
         if logits.dim() == 2 and logits.shape[1] > 1:
             return probability, (logits.argmax(1) == self.positive_class).long()
         return probability, (probability >= self.threshold).long()

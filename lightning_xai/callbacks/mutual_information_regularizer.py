@@ -10,10 +10,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_xai._contract import StepContext, logits_of, output_module, rows_of
-from lightning_xai._lightning import LightningModule, Trainer
+from lightning_xai._lightning import LightningModule, Trainer, rank_zero_warn
 from lightning_xai.callbacks._fairness_common import check_attributes, read_groups
 from lightning_xai.callbacks._loss_term import LossTerm, Schedule
 from lightning_xai.errors import XAIConfigurationError
+from lightning_xai.functional._labels import class_labels
 from lightning_xai.functional.fairness import (
     ESTIMATORS,
     Estimator,
@@ -168,7 +169,11 @@ class MutualInformationRegularizer(LossTerm):
         cells = intersectional_cells(groups.to(probs.device), self.num_values, self.attributes)
         target = None
         if self.conditional_on_target:
-            target = torch.as_tensor(context.get("target", self.where), device=probs.device)
+            target = class_labels(
+                torch.as_tensor(context.get("target", self.where)),
+                probs.shape[1],
+                f"{self.where} (conditional_on_target=True): the target, one of the model's {probs.shape[1]} classes,",
+            ).to(probs.device)
         sums, counts = cell_statistics(
             probs, cells, self.num_cells, target, probs.shape[1] if target is not None else None
         )
@@ -178,6 +183,11 @@ class MutualInformationRegularizer(LossTerm):
             sums = pl_module.all_gather(sums, sync_grads=True).sum(0)  # type: ignore[attr-defined]
             counts = pl_module.all_gather(counts).sum(0)  # type: ignore[attr-defined]
         running = self.running_sums is not None and self.running_sums.shape == sums.shape
+        if self.running_sums is not None and not running:  # e.g. the model's number of classes changed
+            rank_zero_warn(
+                f"{self.where}: the running cell statistics have shape {tuple(self.running_sums.shape)}, this "
+                f"step's {tuple(sums.shape)}; the running estimate starts again from this step."
+            )
         mixed_sums = running_statistics(self._on(self.running_sums, sums) if running else None, sums, self.momentum)
         mixed_counts = running_statistics(
             self._on(self.running_counts, counts) if running else None, counts, self.momentum
@@ -193,12 +203,18 @@ class MutualInformationRegularizer(LossTerm):
     def _on(state: Tensor | None, like: Tensor) -> Tensor | None:
         return None if state is None else state.to(device=like.device, dtype=like.dtype)
 
+    @property
+    def _statistics_layout(self) -> dict[str, Any]:
+        """What the running statistics are statistics of; a checkpoint's must match to be used."""
+        return {"num_values": list(self.num_values), "conditional_on_target": self.conditional_on_target}
+
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self.running_sums is not None and self.running_counts is not None:
             state["running_sums"] = self.running_sums.detach().cpu()
             state["running_counts"] = self.running_counts.detach().cpu()
+            state["statistics_layout"] = self._statistics_layout
         return state
 
     @override
@@ -206,3 +222,10 @@ class MutualInformationRegularizer(LossTerm):
         super().load_state_dict(state_dict)
         self.running_sums = state_dict.get("running_sums")
         self.running_counts = state_dict.get("running_counts")
+        layout = state_dict.get("statistics_layout")
+        if self.running_sums is not None and layout is not None and layout != self._statistics_layout:
+            rank_zero_warn(
+                f"{self.where}: the checkpoint's running cell statistics were kept for {layout}, this run has "
+                f"{self._statistics_layout}; they are dropped, and the running estimate starts again."
+            )
+            self.running_sums = self.running_counts = None

@@ -5,7 +5,38 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_xai.errors import MaskShapeError
+from lightning_xai.errors import MaskShapeError, MaskValueError
+
+
+def check_mask_values(mask: Tensor) -> Tensor:
+    """``mask`` if every weight is a number in ``[0, 1]``, else a :class:`MaskValueError`.
+
+    A NaN would spread through the decomposition and the penalty (``relevant + irrelevant`` no longer equals
+    the output), and a weight outside ``[0, 1]`` makes a negative or more-than-whole share of a feature.
+
+    Examples:
+        >>> check_mask_values(torch.tensor([0.0, 0.5, 1.0]))
+        tensor([0.0000, 0.5000, 1.0000])
+    """
+    if mask.is_floating_point() and mask.numel():
+        if not bool(torch.isfinite(mask).all()):
+            raise MaskValueError(
+                f"a mask of shape {tuple(mask.shape)} holds NaN or infinite weights. Mark a sample without an "
+                "annotation with an all-zero row (or an all-NaN row in an annotation tensor, or None in a list)."
+            )
+        low, high = float(mask.min()), float(mask.max())
+        if low < 0.0 or high > 1.0:
+            raise MaskValueError(
+                f"a mask of shape {tuple(mask.shape)} holds weights in [{low:g}, {high:g}]; weights are 1 on the "
+                "features to explain (or forbid), 0 elsewhere, or a share in between."
+            )
+    elif not mask.is_floating_point() and mask.dtype != torch.bool and mask.numel():
+        if int(mask.min()) < 0 or int(mask.max()) > 1:
+            raise MaskValueError(
+                f"an integer mask of shape {tuple(mask.shape)} holds values in [{int(mask.min())}, "
+                f"{int(mask.max())}]; use 0 and 1."
+            )
+    return mask
 
 
 def broadcast_mask(mask: Tensor, inputs: Tensor) -> Tensor:
@@ -17,6 +48,7 @@ def broadcast_mask(mask: Tensor, inputs: Tensor) -> Tensor:
 
     Raises:
         MaskShapeError: if none of these fits, naming both shapes.
+        MaskValueError: if a weight is NaN or outside ``[0, 1]`` (see :func:`check_mask_values`).
 
     Examples:
         >>> broadcast_mask(torch.ones(2, 5, 5), torch.zeros(2, 3, 5, 5)).shape
@@ -24,7 +56,7 @@ def broadcast_mask(mask: Tensor, inputs: Tensor) -> Tensor:
         >>> broadcast_mask(torch.ones(2, 7), torch.zeros(2, 7, 16)).shape
         torch.Size([2, 7, 1])
     """
-    mask = torch.as_tensor(mask, device=inputs.device)
+    mask = check_mask_values(torch.as_tensor(mask, device=inputs.device))
     in_shape, m_shape = tuple(inputs.shape), tuple(mask.shape)
     if m_shape == in_shape:
         return mask

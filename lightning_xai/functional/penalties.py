@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_xai.errors import XAIConfigurationError
+from lightning_xai.functional._labels import class_labels
 from lightning_xai.functional._masks import broadcast_mask
 
 Reduction = Literal["mean", "sum", "none"]
@@ -118,7 +119,7 @@ def cdep_penalty(
     elif variant == "text":
         if target is None:
             raise XAIConfigurationError("cdep_penalty(variant='text') needs the true classes in `target`.")
-        index = target.long().view(-1, 1)
+        index = class_labels(target, relevant.shape[1], "the target classes").view(-1, 1).to(relevant.device)
         per_sample = F.softplus(relevant.gather(1, index) - irrelevant.gather(1, index)).squeeze(1)
     elif variant == "shift_invariant":
         log_full = F.log_softmax(relevant + irrelevant, dim=1)
@@ -159,7 +160,8 @@ def _target_log_probability(logits: Tensor, target: Tensor | None) -> Tensor:
     log_probabilities = F.log_softmax(_widen(logits), dim=-1)
     if target is None:
         target = log_probabilities.argmax(-1)
-    return log_probabilities.gather(-1, target.long().view(-1, 1)).sum()
+    target = class_labels(target, logits.shape[-1], "the target classes")
+    return log_probabilities.gather(-1, target.view(-1, 1).to(logits.device)).sum()
 
 
 def rrr_penalty(
@@ -242,6 +244,24 @@ def input_x_gradient_penalty(
     return _reduce(per_sample, sample_weights, reduction)
 
 
+def other_samples(samples: int, rows: int, draws: int, generator: torch.Generator | None = None) -> Tensor:
+    """Reference indices for Expected Gradients: ``draws * rows`` indices, each uniform over the samples other
+    than its row's own sample ``row % samples`` (rows may repeat the samples, as a tiled batch does).
+
+    Examples:
+        >>> index = other_samples(3, 3, 100, torch.Generator().manual_seed(0)).view(100, 3)
+        >>> bool((index != torch.arange(3)).all()), sorted(index[:, 0].unique().tolist())
+        (True, [1, 2])
+    """
+    if samples < 2:
+        raise XAIConfigurationError(
+            "expected_gradients_penalty draws each sample's references from the other samples of the batch, and a "
+            "batch of one has none: pass references= (e.g. earlier inputs), or use a batch of at least 2."
+        )
+    own = torch.arange(rows).repeat(draws) % samples
+    return (own + 1 + torch.randint(0, samples - 1, own.shape, generator=generator)) % samples
+
+
 def expected_gradients_penalty(
     forward: Callable[[Tensor], Tensor],
     inputs: Tensor,
@@ -256,7 +276,8 @@ def expected_gradients_penalty(
 ) -> Tensor:
     """Attribution-prior penalty on Expected Gradients (Erion et al., 2021) inside the mask.
 
-    ``phi = (x - x') * grad f_y(x' + alpha (x - x'))`` with references ``x'`` drawn from the batch and
+    ``phi = (x - x') * grad f_y(x' + alpha (x - x'))`` with references ``x'`` drawn from the *other* samples of
+    the batch (a sample drawn as its own reference has ``x - x' = 0`` and no attribution at all) and
     ``alpha ~ U(0, 1)``, averaged over ``num_references`` draws; the penalty is
     ``sum_d |mask_d * phi_d|^p`` per sample. All draws go through the network as one batch of
     ``num_references * N`` samples: one forward and one double backward, no per-sample loop.
@@ -268,7 +289,8 @@ def expected_gradients_penalty(
         mask: 1 on forbidden features.
         target: ``(N,)`` classes to explain; the predicted class at each path point when ``None``.
         num_references: ``k``, the number of reference draws per sample.
-        references: ``(k * N, ...)`` references to use instead of drawing them from the batch.
+        references: ``(k * N, ...)`` references to use instead of drawing them from the batch; needed for a batch
+            of one sample, which has no other sample to draw.
         norm: ``"l2"`` or ``"l1"``.
         sample_weights: ``(N,)`` weights, 0 for samples without an annotation.
         reduction: ``"mean"`` over the whole batch, ``"sum"`` or ``"none"``.
@@ -288,10 +310,7 @@ def expected_gradients_penalty(
     data = inputs.detach()
     repeated = data.repeat(num_references, *([1] * (data.dim() - 1)))
     if references is None:
-        permutations = torch.cat(
-            [torch.randperm(n, generator=generator, device="cpu") for _ in range(num_references)]
-        ).to(data.device)
-        references = data[permutations]
+        references = data[other_samples(n, n, num_references, generator).to(data.device)]
     elif references.shape != repeated.shape:
         raise XAIConfigurationError(
             f"references must have shape {tuple(repeated.shape)} (num_references * N, ...), "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -23,33 +23,46 @@ SUMMARY_KEYS = ("dp_diff", "dp_ratio", "eo_diff", "eo_diff_mean", "worst_cell_ac
 CELL_KEYS = ("count", "pos_rate", "tpr", "fpr", "accuracy")
 
 
-def positive_probability(preds: Tensor, positive_class: int = 1) -> Tensor:
-    """Probability of the positive class from ``(N,)`` or ``(N, C)`` predictions, probabilities or logits.
+Outputs = Literal["logits", "probabilities"]
 
-    Values outside ``[0, 1]`` are read as logits (sigmoid for ``(N,)``, softmax for ``(N, C)``), as torchmetrics
-    reads them.
+
+def positive_probability(preds: Tensor, positive_class: int = 1, outputs: Outputs = "logits") -> Tensor:
+    """Probability of the positive class from ``(N,)`` or ``(N, C)`` predictions.
+
+    ``outputs`` says what the predictions are; it is never guessed from their values (a batch of binary logits
+    that all lie in ``[0, 1]`` would pass for probabilities). ``"logits"``: a sigmoid for ``(N,)``, a softmax for
+    ``(N, C)``, as :class:`~lightning_xai.callbacks.MutualInformationRegularizer` reads them. ``"probabilities"``:
+    taken as they are, and checked.
 
     Examples:
         >>> import torch
-        >>> positive_probability(torch.tensor([0.2, 0.9]))
-        tensor([0.2000, 0.9000])
+        >>> positive_probability(torch.tensor([0.3, 0.9])).round(decimals=4)
+        tensor([0.5744, 0.7109])
+        >>> positive_probability(torch.tensor([0.3, 0.9]), outputs="probabilities")
+        tensor([0.3000, 0.9000])
         >>> positive_probability(torch.tensor([[2.0, 0.0]])).round(decimals=4)
         tensor([0.1192])
     """
+    if outputs not in ("logits", "probabilities"):
+        raise XAIConfigurationError(f"outputs must be 'logits' or 'probabilities', got {outputs!r}.")
     preds = preds.detach().float()
     if preds.dim() == 2 and preds.shape[1] == 1:
         preds = preds[:, 0]
-    is_probability = bool(((preds >= 0) & (preds <= 1)).all()) if preds.numel() else True
-    if preds.dim() == 1:
-        return preds if is_probability else as_probabilities(preds)[:, 1]
-    if preds.dim() != 2 or not 0 <= positive_class < preds.shape[1]:
+    if preds.dim() not in (1, 2) or (preds.dim() == 2 and not 0 <= positive_class < preds.shape[1]):
         raise XAIConfigurationError(
             f"predictions must be (N,) or (N, C) with positive_class={positive_class} < C, got shape "
             f"{tuple(preds.shape)}."
         )
-    sums_to_one = torch.allclose(preds.sum(1), torch.ones_like(preds[:, 0]))
-    probs = preds if is_probability and sums_to_one else as_probabilities(preds)
-    return probs[:, positive_class]
+    if outputs == "logits":
+        return as_probabilities(preds)[:, 1 if preds.dim() == 1 else positive_class]
+    outside = preds.numel() > 0 and not bool(((preds >= 0) & (preds <= 1)).all())
+    rows_off = preds.dim() == 2 and not torch.allclose(preds.sum(1), torch.ones_like(preds[:, 0]), atol=1e-4)
+    if outside or rows_off:
+        raise XAIConfigurationError(
+            "outputs='probabilities', but the predictions are not probabilities (values outside [0, 1], or (N, C) "
+            "rows that do not sum to 1); set outputs='logits' if the model returns logits."
+        )
+    return preds if preds.dim() == 1 else preds[:, positive_class]
 
 
 class IntersectionalFairness(Metric):
@@ -79,10 +92,12 @@ class IntersectionalFairness(Metric):
         threshold: decision threshold on the positive-class probability for ``(N,)`` predictions.
         positive_class: the positive class of ``(N, C)`` predictions (decision: argmax equals it).
         min_cell_count: smallest cell counted in the gaps.
+        outputs: ``"logits"`` or ``"probabilities"``: what ``update`` receives (never guessed from the values).
+        attribute_names: the attributes' names, for errors about their values; default ``attribute 0``, ...
 
     Examples:
         >>> import torch
-        >>> metric = IntersectionalFairness(num_values=[2])
+        >>> metric = IntersectionalFairness(num_values=[2], outputs="probabilities")
         >>> metric.update(torch.tensor([0.9, 0.8, 0.2, 0.6]), torch.tensor([1, 0, 0, 1]), torch.tensor([0, 0, 1, 1]))
         >>> values = metric.compute()
         >>> float(values["dp_diff"]), float(values["cell/cell0/pos_rate"]), float(values["eo_diff"])
@@ -103,9 +118,17 @@ class IntersectionalFairness(Metric):
         threshold: float = 0.5,
         positive_class: int = 1,
         min_cell_count: int = 1,
+        outputs: Outputs = "logits",
+        attribute_names: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if outputs not in ("logits", "probabilities"):
+            raise XAIConfigurationError(
+                f"IntersectionalFairness: outputs must be 'logits' or 'probabilities', got {outputs!r}."
+            )
+        self.outputs: Outputs = outputs
+        self.attribute_names = None if attribute_names is None else list(attribute_names)
         self.num_values = [int(k) for k in num_values]
         self.num_cells = math.prod(self.num_values)
         self.cell_names = list(cell_names) if cell_names is not None else [f"cell{i}" for i in range(self.num_cells)]
@@ -122,12 +145,12 @@ class IntersectionalFairness(Metric):
 
     def update(self, preds: Tensor, target: Tensor, groups: Tensor) -> None:
         """Add a batch: predictions ``(N,)``/``(N, C)``, binary ``target`` ``(N,)``, ``groups`` ``(N, A)`` codes."""
-        positive = positive_probability(preds, self.positive_class)
+        positive = positive_probability(preds, self.positive_class, self.outputs)
         if preds.dim() == 2 and preds.shape[1] > 1:
             decisions = (preds.argmax(1) == self.positive_class).long()
         else:
             decisions = (positive >= self.threshold).long()
-        cells = intersectional_cells(groups.to(self.device), self.num_values)
+        cells = intersectional_cells(groups.to(self.device), self.num_values, self.attribute_names)
         target = torch.as_tensor(target, device=self.device).reshape(-1)
         if target.shape[0] != cells.shape[0] or positive.shape[0] != cells.shape[0]:
             raise XAIConfigurationError(

@@ -156,16 +156,8 @@ def test_clear_errors():
         _callback().setup(trainer(), Plain(), "fit")
 
 
-@pytest.fixture
-def _file_sharing():
-    previous = torch.multiprocessing.get_sharing_strategy()
-    torch.multiprocessing.set_sharing_strategy("file_system")
-    yield
-    torch.multiprocessing.set_sharing_strategy(previous)
-
-
 @pytest.mark.ddp
-def test_ddp_spawn_gives_the_single_process_value(_file_sharing):
+def test_ddp_spawn_gives_the_single_process_value():
     # 16 validation samples, probe of 16: one process explains all of them, two ranks 8 each.
     def make_model():
         torch.manual_seed(0)

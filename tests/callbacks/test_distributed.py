@@ -12,15 +12,6 @@ from tests.helpers import MLP, DictDataset, assert_ddp_matches_single, decoy_tab
 pytestmark = pytest.mark.ddp
 
 
-@pytest.fixture(autouse=True)
-def _share_tensors_through_files():
-    # Containers often give /dev/shm only a few MB; file-backed sharing lets spawned workers receive tensors.
-    previous = torch.multiprocessing.get_sharing_strategy()
-    torch.multiprocessing.set_sharing_strategy("file_system")
-    yield
-    torch.multiprocessing.set_sharing_strategy(previous)
-
-
 def _sgd_mlp():
     torch.manual_seed(0)
     return MLP(optimizer="sgd", lr=0.5)
