@@ -94,9 +94,8 @@ class LossTerm(XAICallback):
         return self.name
 
     def schedule_factor(self, trainer: Trainer) -> float:
-        return schedule_factor(
-            self.schedule, trainer.global_step, trainer.estimated_stepping_batches, self.warmup_steps
-        )
+        total = trainer.estimated_stepping_batches if self.schedule == "dann" else math.inf
+        return schedule_factor(self.schedule, trainer.global_step, total, self.warmup_steps)
 
     def current_weight(self, trainer: Trainer) -> float:
         self.last_weight = self.weight * self.schedule_factor(trainer)
@@ -118,7 +117,10 @@ class LossTerm(XAICallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.schedule == "dann" and not math.isfinite(trainer.estimated_stepping_batches):
+        # the training length from the limits, not from trainer.estimated_stepping_batches: that property sets the
+        # train loader up here, before a resumed run restores it, and a stateful loader then restarts its epoch
+        endless = trainer is not None and trainer.max_steps == -1 and trainer.max_epochs == -1
+        if stage == "fit" and self.schedule == "dann" and endless:
             raise XAIConfigurationError(
                 f"{type(self).__name__}(schedule='dann') needs the length of training: set max_epochs or max_steps."
             )
