@@ -52,6 +52,17 @@ def cell_names(
     return cells
 
 
+def attribute_keys(attributes: Sequence[str]) -> list[str]:
+    """The attributes' names as log-key components (``fair/flip/<attribute>/...``); distinct, or an error."""
+    keys = [_safe(attribute) for attribute in attributes]
+    if len(set(keys)) != len(keys):
+        raise XAIConfigurationError(
+            f"the attributes {list(attributes)} get the key names {keys} in the logs (characters other than letters, "
+            "digits, '-' and '.' become '-'), which repeat; rename the batch keys."
+        )
+    return keys
+
+
 def _safe(name: str) -> str:
     # MLflow and TensorBoard accept [A-Za-z0-9_.-/ ] in keys; the cell name is one path component, never "." or ".."
     safe = "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in str(name).strip())

@@ -21,7 +21,7 @@ from lightning_xai._contract import (
 )
 from lightning_xai._lightning import LightningModule, Trainer, rank_zero_info
 from lightning_xai.callbacks._base import EpochMetricCallback, Stage, picture_cadence, renamed_arguments
-from lightning_xai.callbacks._fairness_common import cell_names, check_attributes, read_groups
+from lightning_xai.callbacks._fairness_common import attribute_keys, cell_names, check_attributes, read_groups
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional.fairness import intersectional_cells
 from lightning_xai.loggers import log_image
@@ -106,7 +106,9 @@ class FairnessMetrics(EpochMetricCallback):
         )
         renamed_arguments("FairnessMetrics", {"prefix": "name="}, prefix=prefix)
         super().__init__(
-            name=name or prefix, every_n_epochs=every_n_epochs, pictures_every_n_epochs=pictures_every_n_epochs
+            name=name if name is not None else prefix,
+            every_n_epochs=every_n_epochs,
+            pictures_every_n_epochs=pictures_every_n_epochs,
         )
         check_attributes(attributes, num_values, "FairnessMetrics")
         self.attributes = list(attributes)
@@ -142,7 +144,8 @@ class FairnessMetrics(EpochMetricCallback):
             outputs=outputs,
             attribute_names=self.attributes,
         )
-        self.flip = CounterfactualFlip(self.attributes, self.num_values, self.cell_names)
+        # the flip test's keys (fair/flip/<attribute>/...) name the attributes: log-safe, as the cells are
+        self.flip = CounterfactualFlip(attribute_keys(self.attributes), self.num_values, self.cell_names)
         self._store: dict[str, Any] = {}
         self._fallback_announced = False
 
