@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/color_digits.py --output-dir outputs/color_digits
 
+# pytest-timeout and the DDP watchdog of tests/conftest.py end a hung test; `timeout` bounds the whole run too
 test: $(STAMP)
-	$(PY) -m pytest -q
+	timeout -k 60 3000 $(PY) -m pytest -q
 
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict
