@@ -6,11 +6,25 @@
 - :class:`AdultIncome`: the UCI Adult table from a CSV you pass, with sex and race codes for fairness.
 - :class:`EmotionTemplates`: a generated emotion corpus with gender as treated concept and a
   counterfactual (gender-swapped) twin of every sentence, for concept-effect estimation.
+- :class:`SSTShortcut`: the Stanford Sentiment Treebank from its PTB tree files, with CDEP's decoy-word, article
+  and gender shortcuts planted into the training split and span masks of the planted tokens.
 """
 
 from lightning_xai.datasets.adult import AdultIncome
 from lightning_xai.datasets.color_digits import ColorDigits, digit_colours
 from lightning_xai.datasets.decoy_digits import DecoyDigits, decoy_levels
 from lightning_xai.datasets.emotion_templates import EmotionTemplates
+from lightning_xai.datasets.sst import SSTShortcut, Vocabulary, length_buckets, read_sst
 
-__all__ = ["AdultIncome", "ColorDigits", "DecoyDigits", "EmotionTemplates", "decoy_levels", "digit_colours"]
+__all__ = [
+    "AdultIncome",
+    "ColorDigits",
+    "DecoyDigits",
+    "EmotionTemplates",
+    "SSTShortcut",
+    "Vocabulary",
+    "decoy_levels",
+    "digit_colours",
+    "length_buckets",
+    "read_sst",
+]
