@@ -251,7 +251,8 @@ def contextual_decomposition(
         inputs: a float tensor, or integer token ids of shape ``(N, T)`` whose embedding lookup is split by
             a mask over token positions.
         mask: 1 (or any weight in ``[0, 1]``) on the features whose contribution is wanted; see
-            :func:`broadcast_mask` for the accepted shapes. For token ids: ``(N, T)``.
+            :func:`broadcast_mask` for the accepted shapes. For token ids: ``(N, T)``, or per-sample token spans
+            ``[[(start, end), ...] or None, ...]`` as the callback takes them.
         additional_forward_args: further positional arguments of ``forward`` (lengths, attention masks);
             at most four. They are treated as constants.
         forward: a method of ``model`` to decompose instead of ``model.forward`` (``model.xai_forward``).
@@ -305,12 +306,17 @@ def decompose(
         masked_mass = start.relevant.detach().abs().sum(per_sample_dims)
         input_share = masked_mass / inputs.detach().abs().sum(per_sample_dims).clamp_min(1e-12)
     else:
+        if isinstance(mask, (list, tuple)) and not isinstance(mask, Tensor):  # token spans, as the callback takes
+            from lightning_xai.masks import masks_from_annotations
+
+            mask = masks_from_annotations(list(mask), inputs)[0]
         mask = check_mask_values(torch.as_tensor(mask, device=inputs.device))
         if mask.dim() == 1 and inputs.dim() == 2 and mask.shape[0] == inputs.shape[1]:
             mask = mask.expand_as(inputs)
         if mask.shape != inputs.shape:
             raise MaskShapeError(
-                f"a mask over token positions must have the shape of the token ids {tuple(inputs.shape)}, "
+                "give token spans [[(start, end), ...] or None per sample] (lightning_xai.masks.spans_to_mask) or "
+                f"a mask over token positions of the token ids' shape {tuple(inputs.shape)}, "
                 f"got {tuple(mask.shape)}."
             )
         start = TokenIds(inputs, mask.float())

@@ -19,8 +19,10 @@ from lightning_xai.callbacks._loss_term import LossTerm, Schedule
 from lightning_xai.errors import MaskShapeError, XAIConfigurationError
 from lightning_xai.functional._masks import broadcast_mask
 from lightning_xai.functional.penalties import (
+    AblationMeasure,
     CDEPVariant,
     Norm,
+    ablation_penalty,
     cdep_penalty,
     expected_gradients_penalty,
     input_x_gradient_penalty,
@@ -31,7 +33,7 @@ from lightning_xai.functional.penalties import (
 from lightning_xai.masks import OccupancyMaskSampler, masks_from_annotations
 from lightning_xai.mixin import XAIMixin
 
-Method = Literal["cdep", "rrr", "expected_gradients", "input_x_gradient"]
+Method = Literal["cdep", "rrr", "expected_gradients", "input_x_gradient", "ablation"]
 # attention implementations of Hugging Face models whose kernels have no double backward and no math fallback
 _NO_DOUBLE_BACKWARD_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
 
@@ -225,6 +227,21 @@ def _expected_gradients_term(job: _Job) -> Tensor:
         )
 
 
+def _ablation_term(job: _Job) -> Tensor:
+    penalty = job.penalty
+    explained, forward = job.differentiated()
+    with _batch_norm_in_eval(job.module), _rnn_without_onednn(job.module):  # type: ignore[arg-type]
+        return ablation_penalty(
+            forward,
+            explained,
+            job.mask,
+            outputs=job.reused_logits(explained),
+            baseline=penalty.ablation_baseline,
+            measure=penalty.ablation_measure,
+            sample_weights=job.sample_weights,
+        )
+
+
 @dataclass(frozen=True)
 class _PenaltyMethod:
     term: Callable[[_Job], Tensor]
@@ -239,6 +256,7 @@ PENALTY_METHODS: dict[str, _PenaltyMethod] = {
     "rrr": _PenaltyMethod(_rrr_term, double_backward=True, reuses_step_forward=True),
     "input_x_gradient": _PenaltyMethod(_input_x_gradient_term, double_backward=True, reuses_step_forward=True),
     "expected_gradients": _PenaltyMethod(_expected_gradients_term, double_backward=True),
+    "ablation": _PenaltyMethod(_ablation_term, double_backward=False, reuses_step_forward=True),
 }
 
 
@@ -253,6 +271,10 @@ class ExplanationPenalty(LossTerm):
         * ``"expected_gradients"``: attribution prior on Expected Gradients with ``num_references``
           references drawn from the batch (Erion et al., 2021).
         * ``"input_x_gradient"``: Input x Gradient of the true class in the mask.
+        * ``"ablation"``: the change of the prediction when the masked features are removed (replaced by
+          ``ablation_baseline``); counts what they do through interactions, which CDEP's decomposition gives to
+          the unmasked part (on SST with a decoy word CDEP was gamed that way, ablation was not: see the docs).
+          One forward and one backward more than the task loss, no double backward.
 
     Masks come from one of: a batch key (``mask_key``; per-sample tensors, a list with ``None`` for samples
     without annotation, or token spans), a fixed ``mask`` for every sample, or a ``mask_sampler`` of
@@ -274,6 +296,10 @@ class ExplanationPenalty(LossTerm):
             :func:`~lightning_xai.functional.cdep_penalty`).
         num_references: references per sample for ``"expected_gradients"``.
         norm: ``"l2"`` or ``"l1"`` for ``"expected_gradients"`` and ``"input_x_gradient"``.
+        ablation_measure: ``"logits"`` (the squared change of the class-centred logits) or ``"kl"``, for
+            ``"ablation"``.
+        ablation_baseline: the value that replaces the masked features for ``"ablation"`` (a zero pixel, a zero
+            embedding).
         name: name of the term in the logs, ``xai/<name>``; defaults to the method.
         seed: seed of the penalty's random draws (Expected-Gradients references and path points).
         prog_bar: show ``xai/<name>`` on the progress bar.
@@ -306,6 +332,8 @@ class ExplanationPenalty(LossTerm):
         name: str | None = None,
         seed: int = 0,
         prog_bar: bool = False,
+        ablation_measure: AblationMeasure = "logits",
+        ablation_baseline: float = 0.0,
     ) -> None:
         super().__init__(weight=weight, schedule=schedule, warmup_steps=warmup_steps, name=name, prog_bar=prog_bar)
         if method not in PENALTY_METHODS:
@@ -322,6 +350,10 @@ class ExplanationPenalty(LossTerm):
             raise XAIConfigurationError(f"ExplanationPenalty: num_references must be >= 1, got {num_references}.")
         if norm not in ("l1", "l2"):
             raise XAIConfigurationError(f"ExplanationPenalty: norm must be 'l1' or 'l2', got {norm!r}.")
+        if ablation_measure not in ("logits", "kl"):
+            raise XAIConfigurationError(
+                f"ExplanationPenalty: ablation_measure must be 'logits' or 'kl', got {ablation_measure!r}."
+            )
         self.method: Method = method
         self.mask_key = mask_key
         self.mask = None if mask is None else torch.as_tensor(mask, dtype=torch.float)
@@ -329,6 +361,8 @@ class ExplanationPenalty(LossTerm):
         self.cdep_variant: CDEPVariant = cdep_variant
         self.num_references = num_references
         self.norm: Norm = norm
+        self.ablation_measure: AblationMeasure = ablation_measure
+        self.ablation_baseline = float(ablation_baseline)
         self.seed = seed
         #: the penalty's random stream (Expected-Gradients references and path points), plain data in pickles
         self.random = SeededGenerator(seed)

@@ -36,6 +36,7 @@ from lightning_xai.functional.faithfulness import (
     sufficiency,
 )
 from lightning_xai.functional.penalties import (
+    ablation_penalty,
     cdep_penalty,
     expected_gradients_penalty,
     input_x_gradient_penalty,
@@ -52,6 +53,7 @@ from lightning_xai.functional.sanity import randomize_top_layers, rank_correlati
 
 __all__ = [
     "Decomposition",
+    "ablation_penalty",
     "EffectEstimate",
     "ate_ground_truth",
     "conexp",

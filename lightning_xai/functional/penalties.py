@@ -23,6 +23,7 @@ from lightning_xai.functional._masks import broadcast_mask
 Reduction = Literal["mean", "sum", "none"]
 CDEPVariant = Literal["image", "text", "shift_invariant"]
 Norm = Literal["l1", "l2"]
+AblationMeasure = Literal["logits", "kl"]
 
 
 def math_attention() -> contextlib.AbstractContextManager[None]:
@@ -241,6 +242,65 @@ def input_x_gradient_penalty(
     gradient = _input_gradient(_target_log_probability(logits, target), inputs)
     mask = broadcast_mask(mask, gradient).to(gradient.dtype)
     per_sample = _per_sample_sum(_norm(_widen(inputs * gradient * mask), norm))
+    return _reduce(per_sample, sample_weights, reduction)
+
+
+def ablation_penalty(
+    forward: Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    mask: Tensor,
+    outputs: Tensor | None = None,
+    baseline: Tensor | float = 0.0,
+    measure: AblationMeasure = "logits",
+    sample_weights: Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """How much the prediction changes when the masked features are removed: zero when they do not matter.
+
+    The masked features are replaced by ``baseline`` (zero: a blank pixel, a zero embedding) and the model runs
+    once more. ``measure="logits"`` penalizes ``sum_k (d_k - mean_j d_j)^2`` with ``d = f(x) - f(x_ablated)``,
+    the change of the logits up to a shift common to all classes (a shift changes no prediction);
+    ``measure="kl"`` penalizes ``KL(p(x) || p(x_ablated))``.
+
+    Unlike a contextual decomposition, the change counts everything the masked features do, including what
+    they do through products with the other features (an LSTM's gates, attention): CDEP's decomposition gives
+    those products to the unmasked part, and a model trained against it learns to act through them (see the
+    ExplanationPenalty docs). Costs one forward and one backward more than the task loss.
+
+    Args:
+        forward: maps inputs to logits.
+        inputs: ``(N, ...)`` float inputs (or token embeddings ``(N, T, E)``).
+        mask: 1 on the features to remove; any shape :func:`~lightning_xai.functional._masks.broadcast_mask`
+            accepts (``(N, T)`` for embeddings).
+        outputs: ``forward(inputs)`` when already computed (the step's own logits); saves a forward.
+        baseline: what replaces the masked features (a number or a tensor broadcasting to ``inputs``).
+        measure: ``"logits"`` or ``"kl"``.
+        sample_weights: ``(N,)`` weights, 0 for samples without an annotation.
+        reduction: ``"mean"`` over the whole batch, ``"sum"`` or ``"none"``.
+
+    Examples:
+        >>> model = torch.nn.Linear(3, 2, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 2.0]]))
+        >>> x = torch.tensor([[1.0, 1.0, 1.0]])
+        >>> ablation_penalty(model, x, torch.tensor([[0.0, 1.0, 0.0]]))  # feature 1 is unused
+        tensor(0., grad_fn=<MeanBackward0>)
+        >>> ablation_penalty(model, x, torch.tensor([[1.0, 0.0, 0.0]]))  # d = (1, -1): centred (1, -1)
+        tensor(2., grad_fn=<MeanBackward0>)
+    """
+    if measure not in ("logits", "kl"):
+        raise XAIConfigurationError(f"ablation_penalty: measure must be 'logits' or 'kl', got {measure!r}.")
+    mask = broadcast_mask(mask, inputs).to(inputs.dtype)
+    full = _widen(outputs if outputs is not None else forward(inputs))
+    ablated = _widen(
+        forward(inputs * (1 - mask) + torch.as_tensor(baseline, dtype=inputs.dtype, device=inputs.device) * mask)
+    )
+    if measure == "logits":
+        change = full - ablated
+        per_sample = _per_sample_sum((change - change.mean(-1, keepdim=True)).pow(2))
+    else:
+        log_full, log_ablated = F.log_softmax(full, dim=-1), F.log_softmax(ablated, dim=-1)
+        per_sample = _per_sample_sum(log_full.exp() * (log_full - log_ablated))
     return _reduce(per_sample, sample_weights, reduction)
 
 

@@ -101,6 +101,7 @@ def _terms(layer: str, selector=None) -> dict[str, object]:
         "rrr": lambda: ExplanationPenalty("rrr", weight=2.0),
         "input_x_gradient": lambda: ExplanationPenalty("input_x_gradient", weight=2.0),
         "expected_gradients": lambda: ExplanationPenalty("expected_gradients", weight=2.0),
+        "ablation": lambda: ExplanationPenalty("ablation", weight=2.0),
         "mutual_information": lambda: MutualInformationRegularizer(["sex"], [2], weight=2.0),
         "mutual_information_head": lambda: MutualInformationRegularizer(
             ["sex"], [2], weight=2.0, output_layer="head", name="mi_head"

@@ -11,6 +11,7 @@ from lightning_xai.callbacks import ExplanationPenalty
 from lightning_xai.datasets import DecoyDigits
 from lightning_xai.errors import MaskShapeError, MissingBatchKeyError, MissingMixinError, XAIConfigurationError
 from lightning_xai.functional import (
+    ablation_penalty,
     cdep_penalty,
     expected_gradients_penalty,
     input_x_gradient_penalty,
@@ -29,12 +30,14 @@ from tests.helpers import (
     trainer,
 )
 
-METHODS = ["cdep", "rrr", "expected_gradients", "input_x_gradient"]
+METHODS = ["cdep", "rrr", "expected_gradients", "input_x_gradient", "ablation"]
 
 
 def _functional_penalty(method, model, x, y, mask):
     if method == "cdep":
         return cdep_penalty(*contextual_decomposition(model, x, mask))
+    if method == "ablation":
+        return ablation_penalty(model, x, mask)
     if method == "rrr":
         return rrr_penalty(model, x, mask)
     if method == "input_x_gradient":
@@ -73,6 +76,7 @@ DECOY_CASES = {
     "rrr": (dict(method="rrr", weight=10.0), 0.75),
     "expected_gradients": (dict(method="expected_gradients", weight=50.0), 0.75),
     "input_x_gradient": (dict(method="input_x_gradient", weight=50.0), 0.75),
+    "ablation": (dict(method="ablation", weight=10.0), 0.75),
 }
 
 
@@ -208,7 +212,7 @@ def _text_loader(n=64, batch_size=16):
 
 
 # Squared gradients with respect to embeddings are small: gradient penalties on text need a larger lambda.
-TEXT_WEIGHTS = {"cdep": 10.0, "rrr": 1000.0, "input_x_gradient": 1000.0, "expected_gradients": 10.0}
+TEXT_WEIGHTS = {"cdep": 10.0, "rrr": 1000.0, "input_x_gradient": 1000.0, "expected_gradients": 10.0, "ablation": 10.0}
 
 
 @pytest.mark.parametrize("method", sorted(TEXT_WEIGHTS))
