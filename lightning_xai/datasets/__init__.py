@@ -14,13 +14,14 @@ from lightning_xai.datasets.adult import AdultIncome
 from lightning_xai.datasets.color_digits import ColorDigits, digit_colours
 from lightning_xai.datasets.decoy_digits import DecoyDigits, decoy_levels
 from lightning_xai.datasets.emotion_templates import EmotionTemplates
-from lightning_xai.datasets.sst import SSTShortcut, Vocabulary, length_buckets, read_sst
+from lightning_xai.datasets.sst import LengthBucketSampler, SSTShortcut, Vocabulary, length_buckets, read_sst
 
 __all__ = [
     "AdultIncome",
     "ColorDigits",
     "DecoyDigits",
     "EmotionTemplates",
+    "LengthBucketSampler",
     "SSTShortcut",
     "Vocabulary",
     "decoy_levels",

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from lightning_xai.errors import XAIConfigurationError
 
@@ -293,3 +293,30 @@ def length_buckets(dataset: SSTShortcut, batch_size: int, seed: int = 0) -> list
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+class LengthBucketSampler(Sampler[list[int]]):
+    """A batch sampler of :func:`length_buckets`, reshuffled every epoch (Lightning calls :meth:`set_epoch`).
+
+    Examples:
+        >>> class Lengths:
+        ...     examples = [(["w"] * n, 0, None) for n in (5, 1, 4, 2, 3, 6)]
+        >>> sampler = LengthBucketSampler(Lengths(), 2, seed=0)
+        >>> first = list(sampler); sampler.set_epoch(1)
+        >>> len(sampler), sorted(map(sorted, first)) == sorted(map(sorted, sampler))
+        (3, True)
+    """
+
+    def __init__(self, dataset: SSTShortcut, batch_size: int, seed: int = 0) -> None:
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset.examples) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # seeds apart by a large prime so that (seed, epoch) pairs do not repeat across runs with nearby seeds
+        return iter(length_buckets(self.dataset, self.batch_size, self.seed + 1_000_003 * self.epoch))
