@@ -463,9 +463,9 @@ class ExplanationPenalty(LossTerm):
         inputs = context.data.get("input")
         if not isinstance(inputs, Tensor) or not _same_in_train_and_eval(pl_module):  # type: ignore[arg-type]
             return
-        mask, _, tiles = self._resolve_masks(context, inputs)
-        if tiles != 1:
-            return
+        mask, sample_weights, tiles = self._resolve_masks(context, inputs)
+        if tiles != 1 or (sample_weights is not None and not bool(sample_weights.any())):
+            return  # no annotated sample: the term is zero and the step keeps its plain forward
         key = self.decomposition_key
         context.capture_keys.add(key)  # a second round of manual optimization decomposes again
         original_forward = pl_module.forward  # type: ignore[attr-defined]

@@ -194,6 +194,35 @@ def test_samples_without_annotation_are_skipped():
     assert expected.item() < everything.item()
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_batch_without_any_annotation_costs_no_extra_forward(method, monkeypatch):
+    from lightning_xai.callbacks import explanation_penalty as module
+
+    x, y, _ = decoy_tabular(8)
+    batch = {"input": x, "target": y, "mask": [None] * 8}
+    forwards, decompositions = [], []
+    real_decompose = module.decompose
+    monkeypatch.setattr(module, "decompose", lambda *a, **k: decompositions.append(1) or real_decompose(*a, **k))
+
+    class Counting(MLP):
+        def forward(self, inputs):
+            if isinstance(inputs, torch.Tensor):  # not the symbolic trace CD takes of the model in setup
+                forwards.append(inputs.shape[0])
+            return self.net(inputs)
+
+    model = Counting(optimizer="sgd", lr=0.5)
+    reference = copy.deepcopy(model)
+    penalty = ExplanationPenalty(method=method, weight=100.0)
+    run = trainer(max_steps=1, callbacks=[penalty])
+    run.fit(model, loader([batch], 1, collate_fn=lambda items: items[0]))
+    # one forward (the task loss), no decomposition, and exactly the vanilla update
+    assert forwards == [8] and decompositions == [] and penalty.steps_sharing_forward == 0
+    assert run.callback_metrics[f"xai/{method}_step"].item() == 0.0
+    gradients = torch.autograd.grad(F.cross_entropy(reference.net(x), y), list(reference.parameters()))
+    for parameter, before, gradient in zip(model.parameters(), reference.parameters(), gradients):
+        torch.testing.assert_close(parameter.detach(), before.detach() - 0.5 * gradient)
+
+
 # ------------------------------------------------------------------------------------- text
 
 
