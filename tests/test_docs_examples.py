@@ -32,7 +32,7 @@ SKIPPED = {  # (page, index of the python block): why it cannot run here
     ("docs/metrics.md", 0): "a call signature, not code",
     ("docs/datasets.md", 4): "reads the UCI Adult CSV from the user's path",
     ("docs/datasets.md", 5): "reads the SST trees from the user's path",
-    ("docs/callbacks/explanation_penalty.md", 5): "imports the user's own project",
+    ("docs/callbacks/explanation_penalty.md", 6): "imports the user's own project",
 }
 # the import lines of the docs (lightning) and their pytorch_lightning counterparts
 SWAPS = (("import lightning as L", "import pytorch_lightning as L"), ("lightning.pytorch", "pytorch_lightning"))

@@ -11,12 +11,13 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_xai._contract import StepContext, is_compiled, require_logits
+from lightning_xai._contract import StepContext, is_compiled, named_submodule, require_logits
 from lightning_xai._lightning import LightningModule, Trainer, rank_zero_warn
 from lightning_xai._random import SeededGenerator
 from lightning_xai.attribution.contextual_decomposition import decompose, returns_single_tensor
 from lightning_xai.callbacks._loss_term import LossTerm, Schedule
 from lightning_xai.errors import MaskShapeError, XAIConfigurationError
+from lightning_xai.functional._layers import default_map_layer
 from lightning_xai.functional._masks import broadcast_mask
 from lightning_xai.functional.penalties import (
     AblationMeasure,
@@ -24,16 +25,31 @@ from lightning_xai.functional.penalties import (
     Norm,
     ablation_penalty,
     cdep_penalty,
+    counterexample_inputs,
+    counterexample_loss,
     expected_gradients_penalty,
+    hint_penalty,
     input_x_gradient_penalty,
     math_attention,
     other_samples,
+    rbr_penalty,
+    rrr_gradcam_penalty,
     rrr_penalty,
 )
 from lightning_xai.masks import OccupancyMaskSampler, masks_from_annotations
 from lightning_xai.mixin import XAIMixin
 
-Method = Literal["cdep", "rrr", "expected_gradients", "input_x_gradient", "ablation"]
+Method = Literal[
+    "cdep",
+    "rrr",
+    "expected_gradients",
+    "input_x_gradient",
+    "ablation",
+    "rrr_gradcam",
+    "hint",
+    "rbr",
+    "counterexamples",
+]
 # attention implementations of Hugging Face models whose kernels have no double backward and no math fallback
 _NO_DOUBLE_BACKWARD_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
 
@@ -242,21 +258,79 @@ def _ablation_term(job: _Job) -> Tensor:
         )
 
 
+def _rrr_gradcam_term(job: _Job) -> Tensor:
+    penalty = job.penalty
+    with _penalty_forward(job.module):  # type: ignore[arg-type]
+        return rrr_gradcam_penalty(
+            job.module.xai_forward,
+            _tile(job.inputs.detach(), job.tiles, job.n),
+            job.mask,
+            penalty.layer_module,  # type: ignore[arg-type]
+            sample_weights=job.sample_weights,
+        )
+
+
+def _hint_term(job: _Job) -> Tensor:
+    penalty = job.penalty
+    # the annotation is the relevant region itself (relevant_key) or the complement of the forbidden one
+    relevant = job.mask if penalty.relevant_key is not None else 1 - job.mask
+    with _penalty_forward(job.module):  # type: ignore[arg-type]
+        return hint_penalty(
+            job.module.xai_forward,
+            _tile(job.inputs.detach(), job.tiles, job.n),
+            relevant,
+            penalty.layer_module,  # type: ignore[arg-type]
+            job.target(required=True),  # type: ignore[arg-type]
+            sample_weights=job.sample_weights,
+        )
+
+
+def _rbr_term(job: _Job) -> Tensor:
+    explained, forward = job.differentiated()
+    parameters = [p for p in job.module.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+    with _penalty_forward(job.module):  # type: ignore[arg-type]
+        return rbr_penalty(
+            forward, explained, job.mask, job.target(required=True), parameters, sample_weights=job.sample_weights
+        )
+
+
+def _counterexamples_term(job: _Job) -> Tensor:
+    trainer = job.module.trainer  # type: ignore[attr-defined]
+    generator = job.penalty.random.for_rank(trainer.global_rank, trainer.world_size)
+    copies = counterexample_inputs(_tile(job.inputs, job.tiles, job.n), job.mask, generator)
+    with _batch_norm_in_eval(job.module):  # type: ignore[arg-type]
+        return counterexample_loss(
+            job.module.xai_forward, copies, job.target(required=True), sample_weights=job.sample_weights
+        )
+
+
 @dataclass(frozen=True)
 class _PenaltyMethod:
     term: Callable[[_Job], Tensor]
     #: differentiates input gradients, so it needs a double backward
     double_backward: bool
+    #: the weights that worked across the tests, DecoyDigits and SST (see the docs); a starting grid
+    weight_range: tuple[float, float]
     #: can differentiate the logits of the step's own forward instead of running one
     reuses_step_forward: bool = False
+    #: reads a map at a named layer (``layer=``)
+    needs_layer: bool = False
 
 
 PENALTY_METHODS: dict[str, _PenaltyMethod] = {
-    "cdep": _PenaltyMethod(_cdep_term, double_backward=False),
-    "rrr": _PenaltyMethod(_rrr_term, double_backward=True, reuses_step_forward=True),
-    "input_x_gradient": _PenaltyMethod(_input_x_gradient_term, double_backward=True, reuses_step_forward=True),
-    "expected_gradients": _PenaltyMethod(_expected_gradients_term, double_backward=True),
-    "ablation": _PenaltyMethod(_ablation_term, double_backward=False, reuses_step_forward=True),
+    "cdep": _PenaltyMethod(_cdep_term, double_backward=False, weight_range=(1.0, 100.0)),
+    "rrr": _PenaltyMethod(_rrr_term, double_backward=True, weight_range=(1.0, 1000.0), reuses_step_forward=True),
+    "input_x_gradient": _PenaltyMethod(
+        _input_x_gradient_term, double_backward=True, weight_range=(10.0, 1000.0), reuses_step_forward=True
+    ),
+    "expected_gradients": _PenaltyMethod(_expected_gradients_term, double_backward=True, weight_range=(1.0, 100.0)),
+    "ablation": _PenaltyMethod(
+        _ablation_term, double_backward=False, weight_range=(1.0, 10.0), reuses_step_forward=True
+    ),
+    "rrr_gradcam": _PenaltyMethod(_rrr_gradcam_term, double_backward=True, weight_range=(0.01, 1.0), needs_layer=True),
+    "hint": _PenaltyMethod(_hint_term, double_backward=True, weight_range=(0.001, 0.1), needs_layer=True),
+    "rbr": _PenaltyMethod(_rbr_term, double_backward=True, weight_range=(1e3, 1e6)),
+    "counterexamples": _PenaltyMethod(_counterexamples_term, double_backward=False, weight_range=(0.5, 2.0)),
 }
 
 
@@ -275,6 +349,19 @@ class ExplanationPenalty(LossTerm):
           ``ablation_baseline``); counts what they do through interactions, which CDEP's decomposition gives to
           the unmasked part (on SST with a decoy word CDEP was gamed that way, ablation was not: see the docs).
           One forward and one backward more than the task loss, no double backward.
+        * ``"rrr_gradcam"``: RRR-G, the Grad-CAM mass (predicted class, min-max normalized) inside the mask at
+          ``layer`` (Schramowski et al., 2020, as the XIL typology implements it).
+        * ``"hint"``: HINT, the squared difference between the true class's normalized Grad-CAM at ``layer`` and
+          the *relevant* region: the batch key ``relevant_key`` when given, else the complement of the mask
+          (Selvaraju et al., 2019).
+        * ``"rbr"``: Right for Better Reasons, input gradients of the influence-function term times RRR's input
+          gradients inside the mask (Shao et al., 2021); third-order, the most expensive method.
+        * ``"counterexamples"``: the cross-entropy of copies whose masked region is randomized (uniform in the
+          batch's range; random batch tokens for token ids): the XIL typology's CE as a loss term, one forward.
+
+    Each method's weight lives on its own scale; :data:`PENALTY_METHODS` holds a measured ``weight_range`` per
+    method (the docs give the grids and a sweep on a validation split). The mixin warns once when a weighted
+    term exceeds the task loss a thousandfold.
 
     Masks come from one of: a batch key (``mask_key``; per-sample tensors, a list with ``None`` for samples
     without annotation, or token spans), a fixed ``mask`` for every sample, or a ``mask_sampler`` of
@@ -300,6 +387,10 @@ class ExplanationPenalty(LossTerm):
             ``"ablation"``.
         ablation_baseline: the value that replaces the masked features for ``"ablation"`` (a zero pixel, a zero
             embedding).
+        layer: the submodule whose output is the Grad-CAM map for ``"rrr_gradcam"`` and ``"hint"`` (default: the
+            last convolution, else the last recurrent layer).
+        relevant_key: for ``"hint"``, a batch key of masks marking where the model *should* look (the digit's
+            pixels); samples without one are skipped. ``None``: the complement of ``mask_key``'s masks.
         name: name of the term in the logs, ``xai/<name>``; defaults to the method.
         seed: seed of the penalty's random draws (Expected-Gradients references and path points).
         prog_bar: show ``xai/<name>`` on the progress bar.
@@ -334,6 +425,8 @@ class ExplanationPenalty(LossTerm):
         prog_bar: bool = False,
         ablation_measure: AblationMeasure = "logits",
         ablation_baseline: float = 0.0,
+        layer: str | None = None,
+        relevant_key: str | None = None,
     ) -> None:
         super().__init__(weight=weight, schedule=schedule, warmup_steps=warmup_steps, name=name, prog_bar=prog_bar)
         if method not in PENALTY_METHODS:
@@ -363,6 +456,21 @@ class ExplanationPenalty(LossTerm):
         self.norm: Norm = norm
         self.ablation_measure: AblationMeasure = ablation_measure
         self.ablation_baseline = float(ablation_baseline)
+        if layer is not None and not PENALTY_METHODS[method].needs_layer:
+            needing = [name for name, entry in PENALTY_METHODS.items() if entry.needs_layer]
+            raise XAIConfigurationError(
+                f"ExplanationPenalty(method={method!r}) reads no layer, so `layer={layer!r}` would be ignored; the "
+                f"methods with a layer are {needing}."
+            )
+        if relevant_key is not None and method != "hint":
+            raise XAIConfigurationError(
+                f"ExplanationPenalty(method={method!r}): relevant_key is HINT's annotation; use method='hint' or "
+                "drop relevant_key."
+            )
+        self.layer = layer
+        self.relevant_key = relevant_key
+        #: the module ``layer`` names, resolved in setup
+        self.layer_module: nn.Module | None = None
         self.seed = seed
         #: the penalty's random stream (Expected-Gradients references and path points), plain data in pickles
         self.random = SeededGenerator(seed)
@@ -375,6 +483,11 @@ class ExplanationPenalty(LossTerm):
 
     def default_name(self) -> str:
         return self.method
+
+    @property
+    def suggested_weight_range(self) -> tuple[float, float]:
+        """The weights that worked for this method (the low and high end of a first grid)."""
+        return PENALTY_METHODS[self.method].weight_range
 
     @property
     def where(self) -> str:
@@ -413,6 +526,9 @@ class ExplanationPenalty(LossTerm):
                         "attn_implementation='sdpa') or config._attn_implementation = 'sdpa'); the penalty runs "
                         "SDPA on its math kernel."
                     )
+        if method.needs_layer:
+            path = self.layer if self.layer is not None else default_map_layer(pl_module, self.where)
+            self.layer_module = named_submodule(pl_module, path, self.where)
         # The decomposition can stand in for the step's forward only where it computes the same function: the
         # default xai_forward of an uncompiled module that returns one tensor.
         self._shares_forward = (
@@ -441,11 +557,12 @@ class ExplanationPenalty(LossTerm):
                 return broadcast_mask(self.mask.to(inputs.device), inputs), None, 1
             except MaskShapeError as error:
                 raise MaskShapeError(f"{self.where}, fixed mask: {error}") from None
-        annotation = context.get(self.mask_key, self.where)
+        key = self.relevant_key or self.mask_key
+        annotation = context.get(key, self.where)
         try:
             mask, annotated = masks_from_annotations(annotation, inputs)
         except MaskShapeError as error:
-            raise MaskShapeError(f"{self.where}, batch key {self.mask_key!r}: {error}") from None
+            raise MaskShapeError(f"{self.where}, batch key {key!r}: {error}") from None
         return mask, annotated, 1
 
     # ----------------------------------------------------------------- sharing the step's forward

@@ -38,9 +38,15 @@ from lightning_xai.functional.faithfulness import (
 from lightning_xai.functional.penalties import (
     ablation_penalty,
     cdep_penalty,
+    counterexample_inputs,
+    counterexample_loss,
     expected_gradients_penalty,
+    gradcam_map,
+    hint_penalty,
     input_x_gradient_penalty,
     math_attention,
+    rbr_penalty,
+    rrr_gradcam_penalty,
     rrr_penalty,
 )
 from lightning_xai.functional.plausibility import (
@@ -54,6 +60,12 @@ from lightning_xai.functional.sanity import randomize_top_layers, rank_correlati
 __all__ = [
     "Decomposition",
     "ablation_penalty",
+    "counterexample_inputs",
+    "counterexample_loss",
+    "gradcam_map",
+    "hint_penalty",
+    "rbr_penalty",
+    "rrr_gradcam_penalty",
     "EffectEstimate",
     "ate_ground_truth",
     "conexp",

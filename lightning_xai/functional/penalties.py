@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional._labels import class_labels
+from lightning_xai.functional._layers import forward_with_activation, map_layout
 from lightning_xai.functional._masks import broadcast_mask
 
 Reduction = Literal["mean", "sum", "none"]
@@ -385,4 +386,290 @@ def expected_gradients_penalty(
     attribution = (difference * gradient).view(num_references, n, *data.shape[1:]).mean(0)
     mask = broadcast_mask(mask, attribution).to(attribution.dtype)
     per_sample = _per_sample_sum(_norm(_widen(attribution * mask), norm))
+    return _reduce(per_sample, sample_weights, reduction)
+
+
+# ------------------------------------------------------------------------ Grad-CAM penalties (RRR-G, HINT)
+
+#: how a layer output lays out channels and positions: (channel dim, position dims) by layout
+_LAYOUTS: dict[str, Callable[[int], tuple[int, tuple[int, ...]]]] = {
+    "channels_first": lambda dim: (1, tuple(range(2, dim))),
+    "channels_last": lambda dim: (dim - 1, tuple(range(1, dim - 1))),
+}
+Layout = Literal["channels_first", "channels_last"]
+
+
+def gradcam_map(
+    logits: Tensor,
+    activation: Tensor,
+    target: Tensor | None = None,
+    layout: Layout = "channels_first",
+    normalize: bool = True,
+) -> Tensor:
+    """A differentiable Grad-CAM map (Selvaraju et al., 2017) of ``target``'s raw logit at a layer.
+
+    ``cam = sum_c mean_positions(d logit_y / d a_c) * a_c`` over the layer output ``a`` (``(N, C, H, W)`` or
+    ``(N, C, L)`` with ``layout="channels_first"``, ``(N, T, D)`` for a recurrent or transformer layer with
+    ``"channels_last"``), without the ReLU, as the XIL typology computes it for RRR-G and HINT. The channel
+    weights stay in the graph (create_graph), so a penalty on the map has its exact gradient. ``normalize``
+    scales each sample's map to ``[0, 1]`` (min-max over positions).
+
+    Returns:
+        ``(N, *positions)``: ``(N, H, W)``, ``(N, L)`` or ``(N, T)``.
+
+    Examples:
+        >>> a = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], requires_grad=True)  # one channel, 2 x 2
+        >>> logits = torch.stack([a.sum(), -a.sum()]).view(1, 2)
+        >>> gradcam_map(logits, a, torch.tensor([0]), normalize=False)  # weight 1 on the channel
+        tensor([[[1., 2.],
+                 [3., 4.]]], grad_fn=<SumBackward1>)
+    """
+    if layout not in _LAYOUTS:
+        raise XAIConfigurationError(f"gradcam_map: layout must be one of {tuple(_LAYOUTS)}, got {layout!r}.")
+    channel, positions = _LAYOUTS[layout](activation.dim())
+    if not positions:
+        raise XAIConfigurationError(
+            f"gradcam_map: the layer output {tuple(activation.shape)} has no spatial or token positions; Grad-CAM "
+            "needs a convolution's (N, C, H, W) / (N, C, L) or a sequence layer's (N, T, D) output."
+        )
+    if target is None:
+        target = logits.detach().argmax(-1)
+    target = class_labels(target, logits.shape[-1], "the Grad-CAM classes").view(-1, 1).to(logits.device)
+    score = logits.gather(-1, target).sum()
+    (gradient,) = torch.autograd.grad(score, activation, create_graph=True)
+    weights = gradient.mean(positions, keepdim=True)
+    cam = _widen(weights * activation).sum(channel)
+    if not normalize:
+        return cam
+    flat = cam.flatten(1)
+    low = flat.min(1, keepdim=True).values
+    spread = flat.max(1, keepdim=True).values - low
+    return ((flat - low) / (spread + 1e-8)).view_as(cam)
+
+
+def _positions_mask(mask: Tensor, inputs: Tensor) -> Tensor:
+    """The input mask without its channels: ``(N, H, W)`` for images, ``(N, T)`` for tokens or embeddings."""
+    if not inputs.is_floating_point():  # token ids (N, T): the mask is over positions already
+        return broadcast_mask(mask, inputs.float()).float()
+    mask = broadcast_mask(mask, inputs).to(_widen(inputs).dtype)
+    mask = mask.expand_as(inputs)
+    if inputs.dim() == 4:  # (N, C, H, W) images
+        return mask.amax(1)
+    if inputs.dim() == 3 and mask.shape[-1] == inputs.shape[-1]:  # (N, T, E) embeddings or (N, C, L) signals
+        return mask.amax(-1)
+    return mask
+
+
+def _resample(values: Tensor, size: tuple[int, ...], mode: str) -> Tensor:
+    """``(N, *positions)`` resampled to ``size`` (area when shrinking, ``mode`` when growing)."""
+    if tuple(values.shape[1:]) == tuple(size):
+        return values
+    shrinking = all(s <= v for s, v in zip(size, values.shape[1:]))
+    chosen = "area" if shrinking else mode
+    if chosen == "bilinear" and len(size) == 1:
+        chosen = "linear"
+    resampled = F.interpolate(values.unsqueeze(1), size=size, mode=chosen)
+    return resampled.squeeze(1)
+
+
+def rrr_gradcam_penalty(
+    forward: Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    mask: Tensor,
+    layer: torch.nn.Module,
+    layout: Layout | None = None,
+    target: Tensor | None = None,
+    sample_weights: Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """RRR-G (Schramowski et al., 2020; the XIL typology's RRR-G): Grad-CAM mass inside the mask.
+
+    ``sum_positions (m * cam)^2`` per sample, with ``cam`` the min-max normalized :func:`gradcam_map` of the
+    predicted class (``target=None``) at ``layer`` and ``m`` the mask resampled to the map (area averaging, so
+    a mask smaller than the layer's stride still counts; the typology's bilinear resampling can miss it). The
+    map is normalized per sample, so the penalty pushes the masked region to the map's minimum: it asks where
+    the model looks, relative to the rest of the image, not how strongly. One forward, and a double backward
+    from the logits down to ``layer`` only.
+
+    Args:
+        forward: maps inputs to logits.
+        inputs: ``(N, ...)`` inputs (float features, or token ids when ``layer`` is inside the network).
+        mask: 1 on forbidden features, in input space.
+        layer: the module whose output is the map (the last convolution, an LSTM).
+        layout: ``"channels_first"`` for convolutions, ``"channels_last"`` for ``(N, T, D)`` sequence outputs;
+            ``None`` tells them apart by the layer's type (:func:`~lightning_xai.functional._layers.map_layout`).
+        target: the classes to explain; the predicted class when ``None`` (RRR-G).
+        sample_weights: ``(N,)`` weights, 0 for samples without an annotation.
+        reduction: ``"mean"`` over the whole batch, ``"sum"`` or ``"none"``.
+
+    Examples:
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(32, 2))
+        >>> x, mask = torch.randn(3, 1, 4, 4), torch.zeros(3, 1, 4, 4)
+        >>> rrr_gradcam_penalty(net, x, mask, net[0]).item()  # nothing masked
+        0.0
+    """
+    logits, activation = forward_with_activation(forward, inputs, layer, "rrr_gradcam_penalty")
+    cam = gradcam_map(logits, activation, target, layout or map_layout(layer, activation))  # type: ignore[arg-type]
+    region = _resample(_positions_mask(mask, inputs).to(cam.dtype), tuple(cam.shape[1:]), "bilinear")
+    per_sample = _per_sample_sum((region * cam).pow(2))
+    return _reduce(per_sample, sample_weights, reduction)
+
+
+def hint_penalty(
+    forward: Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    relevant: Tensor,
+    layer: torch.nn.Module,
+    target: Tensor,
+    layout: Layout | None = None,
+    sample_weights: Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """HINT (Selvaraju et al., 2019; as in the XIL typology): align Grad-CAM with the features that matter.
+
+    ``sum_positions (cam_up - r)^2`` per sample: ``cam`` is the min-max normalized :func:`gradcam_map` of the
+    true class at ``layer``, upsampled (nearest) to the input's positions, and ``r`` the *relevant* mask (1 where
+    the model should look, e.g. the digit's pixels). Unlike RRR-style methods HINT rewards the right evidence
+    instead of only forbidding the wrong one. One forward, and a double backward from the logits down to
+    ``layer``.
+
+    Args:
+        forward: maps inputs to logits.
+        inputs: ``(N, ...)`` inputs.
+        relevant: 1 on the features the model should use, in input space (weights in ``[0, 1]``).
+        layer: the module whose output is the map.
+        target: ``(N,)`` true classes.
+        layout: ``"channels_first"`` for convolutions, ``"channels_last"`` for ``(N, T, D)`` sequence outputs;
+            ``None`` tells them apart by the layer's type (:func:`~lightning_xai.functional._layers.map_layout`).
+        sample_weights: ``(N,)`` weights, 0 for samples without an annotation.
+        reduction: ``"mean"`` over the whole batch, ``"sum"`` or ``"none"``.
+
+    Examples:
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(32, 2))
+        >>> x, y = torch.randn(3, 1, 4, 4), torch.tensor([0, 1, 0])
+        >>> value = hint_penalty(net, x, torch.ones(3, 1, 4, 4), net[0], y)
+        >>> bool(0 <= value <= 16)  # at most every one of the 16 positions off by 1
+        True
+    """
+    logits, activation = forward_with_activation(forward, inputs, layer, "hint_penalty")
+    cam = gradcam_map(logits, activation, target, layout or map_layout(layer, activation))  # type: ignore[arg-type]
+    region = _positions_mask(relevant, inputs).to(cam.dtype)
+    upsampled = F.interpolate(cam.unsqueeze(1), size=tuple(region.shape[1:]), mode="nearest").squeeze(1)
+    per_sample = _per_sample_sum((upsampled - region).pow(2))
+    return _reduce(per_sample, sample_weights, reduction)
+
+
+# ------------------------------------------------------------------------ Right for Better Reasons
+
+
+def rbr_penalty(
+    forward: Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    mask: Tensor,
+    target: Tensor,
+    parameters: list[Tensor],
+    sample_weights: Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Right for Better Reasons (Shao et al., 2021; the XIL typology's formula): influence-function input gradients.
+
+    With ``s = sum_theta d L / d theta`` (``L`` the summed cross-entropy, so each sample's term does not depend on
+    the batch size), the influence of each input feature is ``i = d s / d x``; the penalty is
+    ``sum_d (m_d * i_d * g_d)^2`` per sample with ``g = d/dx sum_k log p_k`` (RRR's input gradient). The product
+    is small (the typology uses lambda = 1e5 on DecoyMNIST). Third-order: a gradient of a gradient of a gradient;
+    the most expensive method here (about three times RRR).
+
+    Args:
+        forward: maps inputs to logits.
+        inputs: ``(N, ...)`` float inputs (or token embeddings).
+        mask: 1 on forbidden features.
+        target: ``(N,)`` true classes.
+        parameters: the trained parameters ``theta`` (those that require grad).
+        sample_weights: ``(N,)`` weights, 0 for samples without an annotation.
+        reduction: ``"mean"`` over the whole batch, ``"sum"`` or ``"none"``.
+
+    Examples:
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+        >>> rbr_penalty(net, x, torch.zeros(5, 3), y, list(net.parameters())).item()
+        0.0
+    """
+    if not parameters:
+        raise XAIConfigurationError("rbr_penalty: no parameter requires grad; RBR differentiates the loss gradient.")
+    inputs = _as_leaf(inputs)
+    logits = forward(inputs)
+    target = class_labels(target, logits.shape[-1], "the RBR targets").to(logits.device)
+    loss = F.cross_entropy(_widen(logits), target, reduction="sum")
+    parameter_gradients = torch.autograd.grad(loss, parameters, create_graph=True, allow_unused=True)
+    summed = sum(g.sum() for g in parameter_gradients if g is not None)
+    if not isinstance(summed, Tensor) or not summed.requires_grad:
+        raise XAIConfigurationError("rbr_penalty: the loss does not depend on `parameters`.")
+    (influence,) = torch.autograd.grad(summed, inputs, create_graph=True)
+    right_reasons = _input_gradient(F.log_softmax(_widen(logits), dim=-1).sum(), inputs)
+    mask = broadcast_mask(mask, inputs).to(_widen(right_reasons).dtype)
+    per_sample = _per_sample_sum(_widen(mask * influence * right_reasons).pow(2))
+    return _reduce(per_sample, sample_weights, reduction)
+
+
+# ------------------------------------------------------------------------ counterexamples
+
+
+def counterexample_inputs(
+    inputs: Tensor,
+    mask: Tensor,
+    generator: torch.Generator | None = None,
+    low: float | None = None,
+    high: float | None = None,
+) -> Tensor:
+    """Copies of ``inputs`` with the masked features randomized (the XIL typology's counterexamples, CE).
+
+    Float inputs get values uniform in ``[low, high]`` (default: the batch's range) inside the mask; token ids
+    get tokens drawn from the batch's unmasked positions (so they are real, in-vocabulary tokens). A model trained
+    on the copies with the original labels learns that the masked region carries no label information.
+
+    Examples:
+        >>> x = torch.zeros(2, 4)
+        >>> out = counterexample_inputs(x, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]), low=5.0, high=6.0)
+        >>> bool(5 <= out[0, 0] <= 6), out[0, 1:].tolist(), out[1].tolist()
+        (True, [0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0])
+        >>> ids = torch.tensor([[7, 8, 9]])
+        >>> counterexample_inputs(ids, torch.tensor([[0.0, 1.0, 0.0]]))[0, 1].item() in (7, 9)
+        True
+    """
+    data = inputs.detach()
+    if not data.is_floating_point():
+        chosen = broadcast_mask(mask, data.float()).expand(data.shape) > 0.5
+        pool_of_tokens = data[~chosen]
+        if pool_of_tokens.numel() == 0:
+            pool_of_tokens = data.flatten()
+        draws = torch.randint(0, pool_of_tokens.numel(), data.shape, generator=generator, device="cpu")
+        return torch.where(chosen, pool_of_tokens[draws.to(data.device)], data)
+    weights = broadcast_mask(mask, data).to(data.dtype)
+    low = float(data.min()) if low is None else low
+    high = float(data.max()) if high is None else high
+    noise = torch.rand(data.shape, generator=generator, device="cpu").to(device=data.device, dtype=data.dtype)
+    return data * (1 - weights) + (low + (high - low) * noise) * weights
+
+
+def counterexample_loss(
+    forward: Callable[[Tensor], Tensor],
+    counterexamples: Tensor,
+    target: Tensor,
+    sample_weights: Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Cross-entropy of the true classes on :func:`counterexample_inputs`: the CE method's extra loss.
+
+    Examples:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> _ = torch.nn.init.zeros_(model.weight), torch.nn.init.zeros_(model.bias)
+        >>> round(counterexample_loss(model, torch.randn(4, 2), torch.tensor([0, 1, 0, 1])).item(), 4)  # log 2
+        0.6931
+    """
+    logits = forward(counterexamples)
+    target = class_labels(target, logits.shape[-1], "the counterexample targets").to(logits.device)
+    per_sample = F.cross_entropy(_widen(logits), target, reduction="none")
     return _reduce(per_sample, sample_weights, reduction)

@@ -113,8 +113,22 @@ def _terms(layer: str, selector=None) -> dict[str, object]:
     }
 
 
-CNN_TERMS = _terms("features")
-TEXT_TERMS = _terms("lstm", selector=0)
+#: the XIL typology's methods, paired with one term of each kind below (every pair of all terms would double the run)
+EXTRA_TERMS = {
+    "cnn": {
+        "rrr_gradcam": lambda: ExplanationPenalty("rrr_gradcam", weight=2.0),
+        "hint": lambda: ExplanationPenalty("hint", weight=2.0),
+        "rbr": lambda: ExplanationPenalty("rbr", weight=2.0),
+        "counterexamples": lambda: ExplanationPenalty("counterexamples", weight=2.0),
+    },
+    "text": {
+        "rrr_gradcam": lambda: ExplanationPenalty("rrr_gradcam", weight=2.0),
+        "counterexamples": lambda: ExplanationPenalty("counterexamples", weight=2.0),
+    },
+}
+EXTRA_PARTNERS = ("cdep", "rrr", "mutual_information", "adversary")
+CNN_TERMS = {**_terms("features"), **EXTRA_TERMS["cnn"]}
+TEXT_TERMS = {**_terms("lstm", selector=0), **EXTRA_TERMS["text"]}
 CASES = {
     "cnn": (CompositionCNNBody, cnn_batch, CNN_TERMS, "features.0", None),
     "text": (CompositionTextBody, text_batch, TEXT_TERMS, "embedding", collate_annotations),
@@ -152,7 +166,16 @@ def _run(case: str, terms: tuple[str, ...], package=pl, user_hook: bool = True):
     return moved, values, callbacks
 
 
-PAIRS = [(case, pair) for case in CASES for pair in itertools.combinations(CASES[case][2], 2)]
+PAIRS = [
+    (case, pair)
+    for case in CASES
+    for pair in itertools.combinations([term for term in CASES[case][2] if term not in EXTRA_TERMS[case]], 2)
+] + [
+    (case, (extra, partner))
+    for case in CASES
+    for extra in EXTRA_TERMS[case]
+    for partner in (*EXTRA_PARTNERS, *[other for other in EXTRA_TERMS[case] if other > extra])
+]
 
 
 @pytest.mark.parametrize(("case", "pair"), PAIRS, ids=[f"{case}-{a}+{b}" for case, (a, b) in PAIRS])

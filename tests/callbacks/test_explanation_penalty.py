@@ -3,6 +3,7 @@ import copy
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from lightning_xai import XAIMixin
@@ -13,8 +14,13 @@ from lightning_xai.errors import MaskShapeError, MissingBatchKeyError, MissingMi
 from lightning_xai.functional import (
     ablation_penalty,
     cdep_penalty,
+    counterexample_inputs,
+    counterexample_loss,
     expected_gradients_penalty,
+    hint_penalty,
     input_x_gradient_penalty,
+    rbr_penalty,
+    rrr_gradcam_penalty,
     rrr_penalty,
 )
 from lightning_xai.masks import OccupancyMaskSampler
@@ -23,17 +29,23 @@ from tests.helpers import (
     DictDataset,
     LSTMTextClassifier,
     SmallCNN,
+    SmallCNNBody,
     TupleDataset,
+    bind,
     decoy_tabular,
     loader,
     token_decoy_data,
     trainer,
 )
 
-METHODS = ["cdep", "rrr", "expected_gradients", "input_x_gradient", "ablation"]
+METHODS = ["cdep", "rrr", "expected_gradients", "input_x_gradient", "ablation", "rbr", "counterexamples"]
 
 
 def _functional_penalty(method, model, x, y, mask):
+    if method == "rbr":
+        return rbr_penalty(model, x, mask, y, list(model.parameters()))
+    if method == "counterexamples":  # the penalty's stream with seed 0 draws the same copies
+        return counterexample_loss(model, counterexample_inputs(x, mask, torch.Generator().manual_seed(0)), y)
     if method == "cdep":
         return cdep_penalty(*contextual_decomposition(model, x, mask))
     if method == "ablation":
@@ -77,6 +89,8 @@ DECOY_CASES = {
     "expected_gradients": (dict(method="expected_gradients", weight=50.0), 0.75),
     "input_x_gradient": (dict(method="input_x_gradient", weight=50.0), 0.75),
     "ablation": (dict(method="ablation", weight=10.0), 0.75),
+    "rbr": (dict(method="rbr", weight=1e4), 0.75),
+    "counterexamples": (dict(method="counterexamples", weight=1.0), 0.75),
 }
 
 
@@ -411,3 +425,138 @@ def test_cdep_shares_the_step_forward_only_when_train_and_eval_agree():
     trainer(max_steps=2, callbacks=[separate]).fit(model, data)
     assert separate.steps_sharing_forward == 0 and separate.steps_seen == 2
     assert "forward" not in model.__dict__  # the instance-level override is removed after each step
+
+
+# ------------------------------------------------------------------------------------- Grad-CAM methods
+
+
+@pytest.mark.parametrize("method", ["rrr_gradcam", "hint"])
+def test_gradcam_methods_add_exactly_the_functional_penalty_at_the_default_layer(method):
+    digits = DecoyDigits("train")
+    x, y, mask = digits.images[:16], digits.targets[:16], digits.masks[:16]
+    torch.manual_seed(0)
+    model = SmallCNN()
+    reference = copy.deepcopy(model)
+    penalty = ExplanationPenalty(method=method, weight=2.0)
+    run = trainer(max_steps=1, callbacks=[penalty])
+    run.fit(model, loader(DictDataset(input=x, target=y, mask=mask), 16))
+    assert penalty.layer_module is model.features[3]  # the last convolution
+    layer = reference.features[3]
+    if method == "hint":  # without relevant_key HINT is told to look everywhere but the mask
+        expected = hint_penalty(reference, x, 1 - mask, layer, y)
+    else:
+        expected = rrr_gradcam_penalty(reference, x, mask, layer)
+    gradients = torch.autograd.grad(F.cross_entropy(reference(x), y) + 2.0 * expected, list(reference.parameters()))
+    for parameter, before, gradient in zip(model.parameters(), reference.parameters(), gradients):
+        torch.testing.assert_close(parameter.detach(), before.detach() - 0.1 * gradient, atol=1e-5, rtol=1e-4)
+    assert run.callback_metrics[f"xai/{method}_step"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_hint_reads_its_relevant_region_from_relevant_key_and_skips_samples_without_one():
+    digits = DecoyDigits("train")
+    x, y = digits.images[:8], digits.targets[:8]
+    relevant = [((x[i] * (1 - digits.masks[i])) > 0).float() if i % 2 else None for i in range(8)]
+    model = SmallCNN()
+    reference = copy.deepcopy(model)
+    run = trainer(max_steps=1, callbacks=[ExplanationPenalty("hint", weight=1.0, relevant_key="digit")])
+    batch = {"input": x, "target": y, "digit": relevant}
+    run.fit(model, loader([batch], 1, collate_fn=lambda items: items[0]))
+    stacked = torch.stack([r if r is not None else torch.zeros_like(x[0]) for r in relevant])
+    expected = hint_penalty(reference, x, stacked, reference.features[3], y, sample_weights=torch.tensor([0.0, 1] * 4))
+    assert run.callback_metrics["xai/hint_step"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_layer_arguments_are_checked_when_built_and_in_setup():
+    with pytest.raises(XAIConfigurationError, match="reads no layer"):
+        ExplanationPenalty("rrr", layer="features.0")
+    with pytest.raises(XAIConfigurationError, match="relevant_key is HINT's annotation"):
+        ExplanationPenalty("rrr", relevant_key="digit")
+    x, y, mask = decoy_tabular(8)
+    with pytest.raises(XAIConfigurationError, match="no Conv2d, Conv1d or recurrent layer"):
+        trainer(max_steps=1, callbacks=[ExplanationPenalty("rrr_gradcam")]).fit(
+            MLP(), loader(DictDataset(input=x, target=y, mask=mask), 8)
+        )
+    with pytest.raises(XAIConfigurationError, match="has no submodule 'features.9'"):
+        trainer(max_steps=1, callbacks=[ExplanationPenalty("hint", layer="features.9")]).fit(
+            SmallCNN(), loader(DictDataset(input=torch.rand(8, 1, 12, 12), target=y, mask=torch.ones(8, 1, 12, 12)), 8)
+        )
+
+
+def test_a_term_that_dwarfs_the_task_loss_warns_once_with_the_methods_weight_range():
+    x, y, mask = decoy_tabular(64)
+    data = loader(DictDataset(input=x, target=y, mask=mask), 16)
+    with pytest.warns(
+        UserWarning, match=r"times the task loss .* weights that worked for this method lie in \(1.0, 1000.0\)"
+    ) as caught:
+        trainer(max_steps=4, callbacks=[ExplanationPenalty("rrr", weight=1e7)]).fit(MLP(), data)
+    assert sum("times the task loss" in str(w.message) for w in caught) == 1
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*times the task loss.*")
+        trainer(max_steps=4, callbacks=[ExplanationPenalty("rrr", weight=1.0)]).fit(MLP(), data)
+
+
+class _GlobalPoolCNNBody(SmallCNNBody):
+    """Convolutions and global average pooling: Grad-CAM is then exactly CAM, so it shows what the head reads.
+
+    Behind a dense head over positions the channel weights of Grad-CAM average a position's gradient away, and
+    a model trained against RRR-G or HINT hides a decoy that way (see the docs).
+    """
+
+    def __init__(self):
+        super().__init__(classes=2)
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+GlobalPoolCNN = bind(_GlobalPoolCNNBody)
+
+
+def _bar_images(n: int, seed: int, reversed_decoy: bool = False):
+    """A faint bar (vertical: class 1, horizontal: class 0) in noise, and a bright corner patch on class 1."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = 0.3 * torch.rand(n, 1, 12, 12, generator=g)
+    x[y == 1, 0, 3:9, 6] += 0.5
+    x[y == 0, 0, 6, 3:9] += 0.5
+    decoy = (1 - y if reversed_decoy else y).bool()
+    x[decoy, 0, :2, :2] = 1.5
+    mask = torch.zeros(n, 1, 12, 12)
+    mask[:, 0, :2, :2] = 1
+    relevant = torch.zeros(n, 1, 12, 12)
+    relevant[:, 0, 3:9, 3:9] = 1
+    return x, y, mask, relevant
+
+
+IMAGE_DECOY_CASES = {  # reversed-decoy accuracy the penalised model must reach (vanilla: about 0.1)
+    "hint": (dict(method="hint", weight=0.1, relevant_key="relevant"), 0.9),
+    # RRR-G leaves the decoy (0.42 against 0.10) but, with a normalized map, larger weights flatten the map
+    "rrr_gradcam": (dict(method="rrr_gradcam", weight=0.01), 0.35),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IMAGE_DECOY_CASES))
+def test_gradcam_penalties_stop_a_cnn_from_using_an_image_decoy(case):
+    arguments, threshold = IMAGE_DECOY_CASES[case]
+    x, y, mask, relevant = _bar_images(256, seed=0)
+    x_test, y_test, _, _ = _bar_images(512, seed=1, reversed_decoy=True)
+    accuracies = {}
+    for penalised in (False, True):
+        torch.manual_seed(0)
+        model = GlobalPoolCNN()
+        callbacks = [ExplanationPenalty(**arguments)] if penalised else []
+        data = DictDataset(input=x, target=y, mask=mask, relevant=relevant)
+        trainer(max_epochs=20, callbacks=callbacks).fit(model, loader(data, 64))
+        with torch.no_grad():
+            accuracies[penalised] = (model(x_test).argmax(1) == y_test).float().mean().item()
+    assert accuracies[False] < 0.2
+    assert accuracies[True] > threshold
