@@ -91,13 +91,51 @@ def _wrap_training_step(step: Callable[..., Any]) -> Callable[..., Any]:
                 UserWarning,
                 stacklevel=2,
             )
-        total = self._xai_total(context, terms)
+        total = self._xai_total(context, terms, task_loss=loss)
         if isinstance(output, Tensor):
             return loss + total
         return {**output, "loss": loss + total}
 
     training_step._xai_wrapped = True  # type: ignore[attr-defined]
     return training_step
+
+
+#: a weighted term this many times the task loss gets a warning (once per term): its weight is likely off-scale
+DOMINANCE_RATIO = 1000.0
+
+
+def _warn_about_dominant_terms(
+    computed: list[tuple[LossTerm, float, Tensor]], values: dict[str, Tensor], task_loss: Tensor, step: int
+) -> None:
+    """Warns once per term whose weighted value exceeds the task loss :data:`DOMINANCE_RATIO`-fold.
+
+    A penalty that dwarfs the task loss usually means a weight on the wrong scale (each method has its own:
+    see ``PENALTY_METHODS[...].weight_range``); the model then learns the penalty instead of the task, as a
+    CDEP weight of 100 did on a stripe decoy. Warnings are per rank and change nothing, so the ranks stay in
+    step.
+    """
+    pending = [
+        (term, weight)
+        for term, weight, _ in computed
+        if not getattr(term, "warned_dominance", False) and term.term_name in values
+    ]
+    if not pending or task_loss.numel() != 1:
+        return
+    weighted = torch.stack([weight * values[term.term_name].float() for term, weight in pending])
+    ratios = (weighted / task_loss.detach().float().abs().clamp_min(1e-12)).tolist()
+    for (term, weight), ratio in zip(pending, ratios):
+        if ratio > DOMINANCE_RATIO:
+            term.warned_dominance = True
+            rank_zero_warn(
+                f"{term.term_name}: the weighted term ({weight:g} x {values[term.term_name].item():.3g}) is "
+                f"{ratio:.3g} times the task loss at global step {step}, so training optimises the penalty and "
+                f"hardly the task. Choose the weight on a validation split{_weight_hint(term)}."
+            )
+
+
+def _weight_hint(term: LossTerm) -> str:
+    weight_range = getattr(term, "suggested_weight_range", None)
+    return "" if weight_range is None else f"; weights that worked for this method lie in {weight_range}"
 
 
 class XAIMixin:
@@ -242,7 +280,7 @@ class XAIMixin:
         around_step.enter_context(math_attention())
 
     @_eager
-    def _xai_total(self, context: StepContext, terms: list[LossTerm]) -> Tensor:
+    def _xai_total(self, context: StepContext, terms: list[LossTerm], task_loss: Tensor | None = None) -> Tensor:
         trainer = self._trainer  # type: ignore[attr-defined]
         computed: list[tuple[LossTerm, float, Tensor]] = []
         for term in terms:
@@ -269,6 +307,8 @@ class XAIMixin:
                 continue
             values[term.term_name] = value.detach()
             total = total + weight * value
+        if task_loss is not None:
+            _warn_about_dominant_terms(computed, values, task_loss, trainer.global_step)
         self._xai_log(terms, values, total, batch_rows(context.data))
         return total
 

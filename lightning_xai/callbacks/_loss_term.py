@@ -87,6 +87,8 @@ class LossTerm(XAICallback):
         self.steps_seen = 0
         self.steps_skipped = 0
         self.last_weight = 0.0
+        #: the mixin warned that this term dwarfs the task loss (once per callback)
+        self.warned_dominance = False
 
     @property
     def term_name(self) -> str:
