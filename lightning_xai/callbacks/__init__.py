@@ -9,6 +9,7 @@ from lightning_xai.callbacks.control_concept_head import ControlConceptHead
 from lightning_xai.callbacks.explanation_penalty import ExplanationPenalty
 from lightning_xai.callbacks.fairness_metrics import FairnessMetrics
 from lightning_xai.callbacks.mutual_information_regularizer import MutualInformationRegularizer
+from lightning_xai.callbacks.revision_freeze import RevisionFreeze
 
 __all__ = [
     "AdversarialConceptHead",
@@ -19,6 +20,7 @@ __all__ = [
     "FairnessMetrics",
     "LossTerm",
     "MutualInformationRegularizer",
+    "RevisionFreeze",
     "schedule_factor",
     "strip_concept_heads",
 ]
