@@ -102,6 +102,8 @@ def _wrap_training_step(step: Callable[..., Any]) -> Callable[..., Any]:
 
 #: a weighted term this many times the task loss gets a warning (once per term): its weight is likely off-scale
 DOMINANCE_RATIO = 1000.0
+#: the smallest task loss the ratio is taken against (a loss fitted to 1e-4 is no sign of a bad weight)
+TASK_LOSS_FLOOR = 0.1
 
 
 def _warn_about_dominant_terms(
@@ -122,7 +124,8 @@ def _warn_about_dominant_terms(
     if not pending or task_loss.numel() != 1:
         return
     weighted = torch.stack([weight * values[term.term_name].float() for term, weight in pending])
-    ratios = (weighted / task_loss.detach().float().abs().clamp_min(1e-12)).tolist()
+    # a task loss fitted to near zero says nothing about scale: compare with at least TASK_LOSS_FLOOR
+    ratios = (weighted / task_loss.detach().float().abs().clamp_min(TASK_LOSS_FLOOR)).tolist()
     for (term, weight), ratio in zip(pending, ratios):
         if ratio > DOMINANCE_RATIO:
             term.warned_dominance = True

@@ -560,3 +560,18 @@ def test_gradcam_penalties_stop_a_cnn_from_using_an_image_decoy(case):
             accuracies[penalised] = (model(x_test).argmax(1) == y_test).float().mean().item()
     assert accuracies[False] < 0.2
     assert accuracies[True] > threshold
+
+
+def test_a_fitted_task_loss_near_zero_does_not_make_a_normal_term_look_dominant():
+    # counterexamples at weight 1 on a fitted SST model: task loss 2e-4, term 0.26 (a false alarm before the floor)
+    import warnings
+
+    from lightning_xai.mixin import _warn_about_dominant_terms
+
+    term = ExplanationPenalty("counterexamples", weight=1.0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*times the task loss.*")
+        _warn_about_dominant_terms(
+            [(term, 1.0, torch.tensor(0.26))], {term.term_name: torch.tensor(0.26)}, torch.tensor(2e-4), 481
+        )
+    assert not term.warned_dominance
