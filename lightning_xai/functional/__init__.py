@@ -5,6 +5,13 @@ here.
 """
 
 from lightning_xai.functional._masks import broadcast_mask
+from lightning_xai.functional.concept_vectors import (
+    clarc_projection,
+    concept_strength,
+    fit_cav,
+    pooled_features,
+    rrclarc_penalty,
+)
 from lightning_xai.functional.concepts import (
     EffectEstimate,
     ate_ground_truth,
@@ -58,6 +65,11 @@ from lightning_xai.functional.robustness import gaussian_perturbation, infidelit
 from lightning_xai.functional.sanity import randomize_top_layers, rank_correlation
 
 __all__ = [
+    "clarc_projection",
+    "concept_strength",
+    "fit_cav",
+    "pooled_features",
+    "rrclarc_penalty",
     "Decomposition",
     "ablation_penalty",
     "counterexample_inputs",

@@ -17,6 +17,7 @@ from lightning_xai.callbacks import (
     FairnessMetrics,
     LossTerm,
     MutualInformationRegularizer,
+    RRClArCPenalty,
 )
 from tests.callbacks.test_composition import CompositionCNNBody, cnn_batch
 from tests.helpers import bind, loader, trainer
@@ -39,6 +40,7 @@ CALLBACKS = {
     ),
     "FairnessMetrics": (lambda name=None: FairnessMetrics(["sex"], [2], name=name), "fair"),
     "ConceptEffect": (lambda name=None: ConceptEffect("features", "gender", name=name), "concept/gender"),
+    "RRClArCPenalty": (lambda name=None: RRClArCPenalty(layer="features", weight=2.0, name=name), None),
 }
 METRIC_CALLBACKS = sorted(name for name, (_, prefix) in CALLBACKS.items() if prefix is not None)
 
