@@ -422,3 +422,42 @@ class ConceptVector:
         cav = torch.as_tensor(state["cav"], dtype=torch.float32)
         self._set(cav, state.get("mu_clean"), state.get("mu_artifact"), str(state.get("cav_source", "checkpoint")))
         self.check_length()
+
+
+class ConceptVectorArguments:
+    """The fitted vector and the fit's arguments of a callback that owns a :class:`ConceptVector` (``concept``)."""
+
+    concept: ConceptVector
+
+    @property
+    def cav(self) -> Tensor | None:
+        """The unit concept vector (CPU), once given or fitted."""
+        return self.concept.cav
+
+    @property
+    def mask_key(self) -> str:
+        """The batch key of the artifact masks the vector is fitted from."""
+        return self.concept.mask_key
+
+    @property
+    def cav_batches(self) -> int:
+        return self.concept.cav_batches
+
+    @property
+    def cav_method(self) -> str:
+        return self.concept.method
+
+    @property
+    def layer(self) -> str | None:
+        """The path of the corrected layer (resolved in ``setup`` when not given)."""
+        return self.concept._layer_path
+
+    @property
+    def mu_clean(self) -> float | None:
+        """The mean concept strength ``v . maxpool(a)`` of the clean versions, once fitted."""
+        return self.concept.mu_clean
+
+    @property
+    def mu_artifact(self) -> float | None:
+        """The mean concept strength of the samples with the artifact, once fitted."""
+        return self.concept.mu_artifact

@@ -9,7 +9,7 @@ from typing_extensions import override
 
 from lightning_xai._lightning import LightningModule, Trainer
 from lightning_xai.callbacks._base import XAICallback
-from lightning_xai.callbacks._concept_vector import ConceptVector, first_loader
+from lightning_xai.callbacks._concept_vector import ConceptVector, ConceptVectorArguments, first_loader
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional._layers import layer_tensor
 from lightning_xai.functional.concept_vectors import clarc_projection, replace_layer_tensor
@@ -20,7 +20,7 @@ Mode = Literal["p", "a"]
 _MODES: dict[str, str] = {"p": "mu_clean", "a": "mu_artifact"}
 
 
-class ClArCProjection(XAICallback):
+class ClArCProjection(ConceptVectorArguments, XAICallback):
     """Class Artifact Compensation by projection (Anders et al., 2022; Pahde et al., 2023) at one layer.
 
     A forward hook on ``layer`` moves every sample along the unit concept vector ``v`` of an artifact to one fixed
@@ -100,39 +100,6 @@ class ClArCProjection(XAICallback):
     @property
     def where(self) -> str:
         return f"ClArCProjection(mode={self.mode!r}, name={self.name!r})"
-
-    @property
-    def cav(self) -> Tensor | None:
-        """The unit concept vector (CPU), once given or fitted."""
-        return self.concept.cav
-
-    @property
-    def mask_key(self) -> str:
-        """The batch key of the artifact masks the vector is fitted from."""
-        return self.concept.mask_key
-
-    @property
-    def cav_batches(self) -> int:
-        return self.concept.cav_batches
-
-    @property
-    def cav_method(self) -> str:
-        return self.concept.method
-
-    @property
-    def layer(self) -> str | None:
-        """The path of the corrected layer (resolved in ``setup`` when not given)."""
-        return self.concept._layer_path
-
-    @property
-    def mu_clean(self) -> float | None:
-        """The mean concept strength ``v . maxpool(a)`` of the clean versions, once fitted."""
-        return self.concept.mu_clean
-
-    @property
-    def mu_artifact(self) -> float | None:
-        """The mean concept strength of the samples with the artifact, once fitted."""
-        return self.concept.mu_artifact
 
     @property
     def strength(self) -> float | None:

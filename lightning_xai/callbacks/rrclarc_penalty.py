@@ -11,7 +11,7 @@ from typing_extensions import override
 from lightning_xai._contract import StepContext
 from lightning_xai._lightning import LightningModule, Trainer
 from lightning_xai._random import SeededGenerator
-from lightning_xai.callbacks._concept_vector import ConceptVector
+from lightning_xai.callbacks._concept_vector import ConceptVector, ConceptVectorArguments
 from lightning_xai.callbacks._loss_term import LossTerm, Schedule
 from lightning_xai.callbacks.explanation_penalty import _penalty_forward
 from lightning_xai.errors import XAIConfigurationError
@@ -24,7 +24,7 @@ _TARGET_CRITERIA = ("target_logit",)
 _RANDOM_CRITERIA = ("all_logits_random",)
 
 
-class RRClArCPenalty(LossTerm):
+class RRClArCPenalty(ConceptVectorArguments, LossTerm):
     """Right Reason ClArC (Pahde et al., *Reveal to Revise*, 2023): unlearns an artifact along its concept vector.
 
     A concept activation vector ``v`` at ``layer`` points from clean samples towards samples with the artifact
@@ -111,39 +111,6 @@ class RRClArCPenalty(LossTerm):
     def suggested_weight_range(self) -> tuple[float, float]:
         """The weights that worked (the low and high end of a first grid), as for ExplanationPenalty."""
         return self.weight_range
-
-    @property
-    def cav(self) -> Tensor | None:
-        """The unit concept vector (CPU), once given or fitted."""
-        return self.concept.cav
-
-    @property
-    def mask_key(self) -> str:
-        """The batch key of the artifact masks the vector is fitted from."""
-        return self.concept.mask_key
-
-    @property
-    def cav_batches(self) -> int:
-        return self.concept.cav_batches
-
-    @property
-    def cav_method(self) -> str:
-        return self.concept.method
-
-    @property
-    def layer(self) -> str | None:
-        """The path of the corrected layer (resolved in ``setup`` when not given)."""
-        return self.concept._layer_path
-
-    @property
-    def mu_clean(self) -> float | None:
-        """The mean concept strength ``v . maxpool(a)`` of the clean versions, once fitted."""
-        return self.concept.mu_clean
-
-    @property
-    def mu_artifact(self) -> float | None:
-        """The mean concept strength of the samples with the artifact, once fitted."""
-        return self.concept.mu_artifact
 
     # ----------------------------------------------------------------- Lightning hooks
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_xai.errors import XAIConfigurationError
@@ -59,13 +60,33 @@ def default_map_layer(module: nn.Module, where: str) -> str:
     )
 
 
+def replace_layer_tensor(output: Any, value: Tensor, where: str) -> Any:
+    """``output`` with the tensor :func:`~lightning_xai.functional._layers.layer_tensor` reads replaced by ``value``."""
+    if isinstance(output, Tensor):
+        return value
+    if isinstance(output, (tuple, list)) and output:
+        return type(output)((replace_layer_tensor(output[0], value, where), *output[1:]))
+    if isinstance(output, Mapping) and "last_hidden_state" in output:  # a Hugging Face ModelOutput
+        replaced = type(output)(**output)
+        replaced["last_hidden_state"] = value
+        return replaced
+    raise XAIConfigurationError(
+        f"{where}: the layer returned {type(output).__name__}, whose activation cannot be replaced; name a layer "
+        "that returns a tensor (or a tuple starting with one)."
+    )
+
+
 def forward_with_activation(
     forward: Callable[[Tensor], Tensor], inputs: Tensor, layer: nn.Module, where: str = "layer"
 ) -> tuple[Tensor, Tensor]:
-    """``(forward(inputs), the output of layer in that forward)``; the activation is part of the graph.
+    """``(forward(inputs), layer's output in that forward)``, the output in the graph even when everything below
+    it is frozen.
+
+    A layer whose inputs and parameters need no gradient (the layers up to it frozen, as Reveal to Revise
+    fine-tunes) returns a tensor outside the graph; it is replaced by a copy that requires grad, so that the
+    gradient with respect to it exists and trains the layers above.
 
     Examples:
-        >>> import torch
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> logits, hidden = forward_with_activation(net, torch.randn(5, 3), net[1])
         >>> tuple(logits.shape), tuple(hidden.shape)
@@ -73,9 +94,16 @@ def forward_with_activation(
     """
     seen: list[Tensor] = []
 
-    def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-        if not seen:
-            seen.append(layer_tensor(output, where))
+    def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
+        if seen:
+            return None
+        activation = layer_tensor(output, where)
+        if activation.requires_grad or not torch.is_grad_enabled():
+            seen.append(activation)
+            return None
+        activation = activation.detach().requires_grad_(True)
+        seen.append(activation)
+        return replace_layer_tensor(output, activation, where)
 
     handle = layer.register_forward_hook(hook)
     try:

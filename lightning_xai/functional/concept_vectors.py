@@ -16,8 +16,8 @@ Reveal-to-Revise code. Nothing here imports Lightning.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional._labels import class_labels
-from lightning_xai.functional._layers import layer_tensor
+from lightning_xai.functional._layers import forward_with_activation, replace_layer_tensor
 from lightning_xai.functional.penalties import Reduction, _reduce, _widen
 
 CAVMethod = Literal["signal", "svm", "logistic", "ridge"]
@@ -246,54 +246,6 @@ def clarc_projection(activation: Tensor, cav: Tensor, strength: float, channel_d
 # --------------------------------------------------------------------------------------------- RR-ClArC
 
 
-def replace_layer_tensor(output: Any, value: Tensor, where: str) -> Any:
-    """``output`` with the tensor :func:`~lightning_xai.functional._layers.layer_tensor` reads replaced by ``value``."""
-    if isinstance(output, Tensor):
-        return value
-    if isinstance(output, (tuple, list)) and output:
-        return type(output)((replace_layer_tensor(output[0], value, where), *output[1:]))
-    if isinstance(output, Mapping) and "last_hidden_state" in output:  # a Hugging Face ModelOutput
-        replaced = type(output)(**output)
-        replaced["last_hidden_state"] = value
-        return replaced
-    raise XAIConfigurationError(
-        f"{where}: the layer returned {type(output).__name__}, whose activation cannot be replaced; name a layer "
-        "that returns a tensor (or a tuple starting with one)."
-    )
-
-
-def _differentiable_activation(
-    forward: Callable[[Tensor], Tensor], inputs: Tensor, layer: nn.Module, where: str
-) -> tuple[Tensor, Tensor]:
-    """``(logits, layer output)`` with the output in the graph, also when everything below it is frozen.
-
-    A layer whose inputs and parameters need no gradient (the layers up to it frozen, as Reveal to Revise
-    fine-tunes) returns a tensor outside the graph; it is replaced by a copy that requires grad, so that the
-    gradient with respect to it exists and trains the layers above.
-    """
-    seen: list[Tensor] = []
-
-    def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
-        if seen:
-            return None
-        activation = layer_tensor(output, where)
-        if activation.requires_grad or not torch.is_grad_enabled():
-            seen.append(activation)
-            return None
-        activation = activation.detach().requires_grad_(True)
-        seen.append(activation)
-        return replace_layer_tensor(output, activation, where)
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        logits = forward(inputs)
-    finally:
-        handle.remove()
-    if not seen:
-        raise XAIConfigurationError(f"{where}: the layer did not run in the forward pass; name a layer the model uses.")
-    return logits, seen[0]
-
-
 def _random_signs(logits: Tensor, generator: torch.Generator | None) -> Tensor:
     device = generator.device if generator is not None else logits.device
     signs = torch.randint(0, 2, logits.shape, generator=generator, device=device) * 2 - 1
@@ -374,7 +326,7 @@ def rrclarc_penalty(
         tensor(16., grad_fn=<MeanBackward0>)
     """
     check_criterion(criterion)
-    logits, activation = _differentiable_activation(forward, inputs, layer, "rrclarc_penalty")
+    logits, activation = forward_with_activation(forward, inputs, layer, "rrclarc_penalty")
     if not activation.requires_grad:
         raise XAIConfigurationError(
             "rrclarc_penalty: gradients are disabled (torch.no_grad or inference mode), so the gradient at the "
