@@ -44,7 +44,20 @@ from lightning_xai.masks import OccupancyMaskSampler  # noqa: E402
 
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore")
-TARGETS = {"cdep": 2.5, "rrr": 3.0, "expected_gradients": 3.0, "input_x_gradient": 3.0}
+TARGETS = {
+    "cdep": 2.5,
+    "rrr": 3.0,
+    "expected_gradients": 3.0,
+    "input_x_gradient": 3.0,
+    # one more forward and backward of the batch: twice a vanilla step, plus the bookkeeping
+    "ablation": 2.2,
+    "counterexamples": 2.2,
+    # a forward and a double backward from the logits down to the layer
+    "rrr_gradcam": 3.0,
+    "hint": 3.0,
+    # third order: the double backward of a parameter gradient
+    "rbr": 6.0,
+}
 
 
 class LSTMClassifier(XAIMixin, pl.LightningModule):
@@ -149,6 +162,11 @@ def main() -> None:
                 "rrr": lambda: ExplanationPenalty(method="rrr"),
                 "expected_gradients": lambda: ExplanationPenalty(method="expected_gradients"),
                 "input_x_gradient": lambda: ExplanationPenalty(method="input_x_gradient"),
+                "ablation": lambda: ExplanationPenalty(method="ablation"),
+                "rrr_gradcam": lambda: ExplanationPenalty(method="rrr_gradcam"),
+                "hint": lambda: ExplanationPenalty(method="hint"),
+                "rbr": lambda: ExplanationPenalty(method="rbr"),
+                "counterexamples": lambda: ExplanationPenalty(method="counterexamples"),
                 "vanilla + submodule hook": lambda: [_SubmoduleHook()],
                 "cdep + submodule hook (own decomposition)": lambda: [ExplanationPenalty("cdep"), _SubmoduleHook()],
                 "control head": lambda: ControlConceptHead("features", "target", 10),
@@ -167,6 +185,9 @@ def main() -> None:
                 "rrr": lambda: ExplanationPenalty(method="rrr"),
                 "expected_gradients": lambda: ExplanationPenalty(method="expected_gradients"),
                 "input_x_gradient": lambda: ExplanationPenalty(method="input_x_gradient"),
+                "ablation": lambda: ExplanationPenalty(method="ablation"),
+                "rrr_gradcam": lambda: ExplanationPenalty(method="rrr_gradcam", layer="lstm"),
+                "counterexamples": lambda: ExplanationPenalty(method="counterexamples"),
             },
         ),
     ]
