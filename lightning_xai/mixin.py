@@ -271,7 +271,10 @@ class XAIMixin:
         inputs = context.data.get("input")
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or not inputs.is_leaf:
             return
-        inputs.requires_grad_(True)
+        if any(term.differentiates_step_inputs for term in terms):
+            # only then: an input gradient the step's backward would compute for nothing costs a transposed
+            # first layer (ablation on the demo CNN: 2.8x a vanilla step with it, 2.0x without)
+            inputs.requires_grad_(True)
         key = self.xai_logits_key
         context.capture(
             self,  # type: ignore[arg-type]

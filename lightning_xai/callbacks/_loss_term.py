@@ -63,6 +63,8 @@ class LossTerm(XAICallback):
     requires_mixin: ClassVar[bool] = True
     #: the term differentiates the logits of the step's own forward pass with respect to the input
     reuses_step_forward: bool = False
+    #: ... and differentiates them with respect to the step's inputs (the inputs then require grad in the step)
+    differentiates_step_inputs: bool = False
 
     def __init__(
         self,

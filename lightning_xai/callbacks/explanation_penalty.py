@@ -170,9 +170,12 @@ class _Job:
     def reused_logits(self, explained: Tensor) -> Tensor | None:
         """The step's own logits on ``explained`` (saves a forward), when the step computed them."""
         captured = self.context.captured_output
-        if captured is not None and self.tiles == 1 and explained is self.inputs and self.inputs.requires_grad:
-            return captured
-        return None
+        if captured is None or self.tiles != 1 or explained is not self.inputs:
+            return None
+        # an input-gradient method needs logits computed from inputs that require grad
+        if PENALTY_METHODS[self.penalty.method].double_backward and not self.inputs.requires_grad:
+            return None
+        return captured
 
 
 def _cdep_term(job: _Job) -> Tensor:
@@ -475,6 +478,7 @@ class ExplanationPenalty(LossTerm):
         #: the penalty's random stream (Expected-Gradients references and path points), plain data in pickles
         self.random = SeededGenerator(seed)
         self.reuses_step_forward = PENALTY_METHODS[method].reuses_step_forward and mask_sampler is None
+        self.differentiates_step_inputs = self.reuses_step_forward and PENALTY_METHODS[method].double_backward
         #: steps on which CDEP's decomposition doubled as the step's forward pass
         self.steps_sharing_forward = 0
         self._shares_forward = False
@@ -509,6 +513,7 @@ class ExplanationPenalty(LossTerm):
             # The step's forward runs the fused oneDNN RNN, whose double backward is slow: a penalty forward
             # of its own on the native kernel is cheaper than reusing it.
             self.reuses_step_forward = False
+            self.differentiates_step_inputs = False
         if method.double_backward and is_compiled(pl_module):
             raise XAIConfigurationError(
                 f"{self.where} differentiates input gradients (a double backward), which torch.compile does not "
