@@ -621,8 +621,8 @@ def counterexample_inputs(
     inputs: Tensor,
     mask: Tensor,
     generator: torch.Generator | None = None,
-    low: float | None = None,
-    high: float | None = None,
+    low: float | Tensor | None = None,
+    high: float | Tensor | None = None,
 ) -> Tensor:
     """Copies of ``inputs`` with the masked features randomized (the XIL typology's counterexamples, CE).
 
@@ -648,8 +648,9 @@ def counterexample_inputs(
         draws = torch.randint(0, pool_of_tokens.numel(), data.shape, generator=generator, device="cpu")
         return torch.where(chosen, pool_of_tokens[draws.to(data.device)], data)
     weights = broadcast_mask(mask, data).to(data.dtype)
-    low = float(data.min()) if low is None else low
-    high = float(data.max()) if high is None else high
+    # the batch's range stays a tensor: reading it as a float would synchronise with the device every step
+    low = data.amin() if low is None else low
+    high = data.amax() if high is None else high
     noise = torch.rand(data.shape, generator=generator, device="cpu").to(device=data.device, dtype=data.dtype)
     return data * (1 - weights) + (low + (high - low) * noise) * weights
 
