@@ -72,7 +72,6 @@ WEIGHT_GRIDS: dict[str, tuple[float, ...]] = {
     "expected_gradients": (1.0, 10.0, 100.0),
     "ablation": (1.0, 10.0),
 }
-FEEDBACK = ("correct", "incomplete", "wrong")
 #: the XIL typology on DecoyMNIST (Friedrich et al. 2023): test accuracy %, 5 seeds
 TYPOLOGY = {
     "wrong": {"rrr": "82.2 ± 5.3", "rrr_gradcam": "83.1 ± 5.0", "rbr": "56.8 ± 38.5", "cdep": "96.7 ± 0.7",
@@ -85,33 +84,46 @@ TYPOLOGY = {
 # ----------------------------------------------------------------------------------------------- feedback
 
 
+def _correct(digits: DecoyDigits, digit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return digits.masks, digit
+
+
+def _incomplete(digits: DecoyDigits, digit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patch without its first row; HINT keeps the lower half of the digit's rows."""
+    partial = digits.masks.clone()
+    rows = partial.amax(-1, keepdim=True)  # (N, 1, H, 1): the patch's rows
+    partial[((rows.cumsum(-2) == 1) & (rows > 0)).expand_as(partial)] = 0
+    half = digit.clone()
+    digit_rows = digit.amax(-1, keepdim=True).cumsum(-2)
+    half[(digit_rows <= digit_rows.amax(-2, keepdim=True) / 2).expand_as(half)] = 0
+    return partial, half
+
+
+def _wrong(digits: DecoyDigits, digit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2x4 border strip in the corner diagonally opposite the decoy; HINT is told to look there."""
+    size = digits.masks.shape[-1]
+    wrong = torch.zeros_like(digits.masks)
+    for corner in range(4):  # 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right
+        top = 0 if corner >= 2 else size - 2
+        left = 0 if corner % 2 else size - 4
+        wrong[digits.corners == corner, :, top : top + 2, left : left + 4] = 1
+    return wrong, wrong
+
+
+#: per feedback kind: (mask a penalty forbids, region HINT is told to look at) from the digits and their pixels
+FEEDBACK_MASKS: dict[str, Callable[[DecoyDigits, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+    "correct": _correct,
+    "incomplete": _incomplete,
+    "wrong": _wrong,
+}
+FEEDBACK = tuple(FEEDBACK_MASKS)
+
+
 def feedback_masks(digits: DecoyDigits, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mask, relevant)`` for one feedback kind: what a penalty forbids and where HINT is told to look."""
-    mask, images = digits.masks, digits.images
-    digit = ((images * (1 - mask)) > 0).float()
-    if kind == "correct":
-        return mask, digit
-    if kind == "incomplete":
-        partial = mask.clone()
-        rows = partial.amax(-1, keepdim=True)  # (N, 1, H, 1): the patch's rows
-        first_row = (rows.cumsum(-2) == 1) & (rows > 0)
-        partial[first_row.expand_as(partial)] = 0
-        half = digit.clone()
-        digit_rows = digit.amax(-1, keepdim=True).cumsum(-2)
-        half[(digit_rows <= digit_rows.amax(-2, keepdim=True) / 2).expand_as(half)] = 0
-        return partial, half
-    if kind == "wrong":
-        size = mask.shape[-1]
-        wrong = torch.zeros_like(mask)
-        top = digits.corners < 2  # the decoy is in a top corner: the strip goes along the bottom border
-        left = digits.corners % 2 == 0
-        for row_start, rows in ((0, top), (size - 2, ~top)):
-            selected = ~rows  # opposite side
-            for col_start, cols in ((0, left), (size - 4, ~left)):
-                chosen = selected & ~cols
-                wrong[chosen, :, row_start : row_start + 2, col_start : col_start + 4] = 1
-        return wrong, wrong
-    raise ValueError(f"feedback must be one of {FEEDBACK}, got {kind!r}")
+    if kind not in FEEDBACK_MASKS:
+        raise ValueError(f"feedback must be one of {FEEDBACK}, got {kind!r}")
+    return FEEDBACK_MASKS[kind](digits, ((digits.images * (1 - digits.masks)) > 0).float())
 
 
 class Samples(Dataset[dict[str, torch.Tensor]]):
@@ -242,7 +254,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.epochs, args.seeds = 2, 1
         grids = {method: grid[len(grid) // 2 : len(grid) // 2 + 1] for method, grid in grids.items()}
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     console = Console()
     experiment = Experiment(args)
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
