@@ -395,7 +395,7 @@ class ExplanationPenalty(LossTerm):
         relevant_key: for ``"hint"``, a batch key of masks marking where the model *should* look (the digit's
             pixels); samples without one are skipped. ``None``: the complement of ``mask_key``'s masks.
         name: name of the term in the logs, ``xai/<name>``; defaults to the method.
-        seed: seed of the penalty's random draws (Expected-Gradients references and path points).
+        seed: seed of the penalty's random draws (Expected-Gradients references and path points, counterexamples).
         prog_bar: show ``xai/<name>`` on the progress bar.
 
     Composition: CDEP runs the step's forward through the decomposition only when nothing observes the
