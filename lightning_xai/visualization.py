@@ -339,24 +339,33 @@ def render_cell_rates(
     rates: dict[str, Sequence[float]],
     counts: Sequence[float] | None = None,
     title: str = "",
+    intervals: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
 ) -> np.ndarray:
     """Grouped bars of per-cell rates (positive rate, TPR, FPR, accuracy, ...) as one RGB picture.
 
     One group of bars per intersectional cell, one bar per rate; an undefined rate (NaN) leaves a gap and is
     marked "n/a". With ``counts`` each cell's label shows its number of examples, so that a reader sees which
     rates rest on a handful of examples. The dashed line of each colour is the rate's mean over the cells.
+    With ``intervals`` a whisker on a bar spans its confidence interval: two cells whose whiskers overlap
+    differ by no more than sampling noise.
 
     Args:
         cell_names: the cells, in order.
         rates: rate name -> one value per cell, in ``[0, 1]``.
         counts: examples per cell.
         title: the figure title.
+        intervals: rate name -> (lower bounds, upper bounds), one per cell (NaN: none drawn).
 
     Returns:
         ``(H, W, 3)`` ``uint8`` array.
 
     Examples:
-        >>> image = render_cell_rates(["Male_White", "Female_White"], {"pos_rate": [0.3, 0.1]}, counts=[90, 40])
+        >>> image = render_cell_rates(
+        ...     ["Male_White", "Female_White"],
+        ...     {"pos_rate": [0.3, 0.1]},
+        ...     counts=[90, 40],
+        ...     intervals={"pos_rate": ([0.21, 0.04], [0.40, 0.23])},
+        ... )
         >>> image.dtype, image.shape[2]
         (dtype('uint8'), 3)
     """
@@ -376,6 +385,13 @@ def render_cell_rates(
         colour = colours[index % len(colours)]
         defined = ~np.isnan(values)
         ax.bar(offset[defined], values[defined], bar_width, label=key, color=colour)
+        if intervals and key in intervals:
+            low, high = (np.asarray(list(bound), dtype=np.float64) for bound in intervals[key])
+            shown = defined & ~np.isnan(low) & ~np.isnan(high)
+            whiskers = np.stack([values[shown] - low[shown], high[shown] - values[shown]]).clip(min=0.0)
+            ax.errorbar(
+                offset[shown], values[shown], yerr=whiskers, fmt="none", ecolor="#222222", elinewidth=0.8, capsize=2
+            )
         for x in offset[~defined]:
             ax.text(x, 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color=colour)
         if defined.any():

@@ -8,6 +8,7 @@ from lightning_xai.callbacks.clarc_projection import ClArCProjection
 from lightning_xai.callbacks.concept_effect import ConceptEffect
 from lightning_xai.callbacks.control_concept_head import ControlConceptHead
 from lightning_xai.callbacks.explanation_penalty import ExplanationPenalty
+from lightning_xai.callbacks.fairness_constraint import FairnessConstraint
 from lightning_xai.callbacks.fairness_metrics import FairnessMetrics
 from lightning_xai.callbacks.mutual_information_regularizer import MutualInformationRegularizer
 from lightning_xai.callbacks.revision_freeze import RevisionFreeze
@@ -20,6 +21,7 @@ __all__ = [
     "ClArCProjection",
     "ConceptEffect",
     "ExplanationPenalty",
+    "FairnessConstraint",
     "FairnessMetrics",
     "LossTerm",
     "MutualInformationRegularizer",

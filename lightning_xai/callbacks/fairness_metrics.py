@@ -26,7 +26,12 @@ from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional.fairness import intersectional_cells
 from lightning_xai.loggers import log_image
 from lightning_xai.metrics.counterfactual_flip import CounterfactualFlip
-from lightning_xai.metrics.intersectional_fairness import CELL_KEYS, IntersectionalFairness, positive_probability
+from lightning_xai.metrics.intersectional_fairness import (
+    CELL_KEYS,
+    RATE_COUNTS,
+    IntersectionalFairness,
+    positive_probability,
+)
 
 CounterfactualFn = Callable[[Tensor, str, int], Tensor]
 
@@ -44,6 +49,9 @@ class FairnessMetrics(EpochMetricCallback):
       ``fair/mi`` (soft predictions), ``fair/mi_decision`` (decisions);
     * per cell ``fair/cell/<cell>/{count,pos_rate,tpr,fpr,accuracy}``, cells named ``Male_White`` from
       ``value_names`` (or ``sex0_race4``); undefined rates are not logged;
+    * confidence intervals (level ``confidence``): ``fair/dp_diff_low``/``_high``, ``fair/eo_diff_low``/``_high``
+      and per cell ``fair/cell/<cell>/{pos_rate,tpr,fpr}_low``/``_high`` (Wilson; see
+      :class:`~lightning_xai.metrics.IntersectionalFairness`), drawn as whiskers in the chart;
     * with ``attribute_columns`` or ``counterfactual_fn``, the causal flip test: every protected attribute of
       every example is set to each of its other values and the model re-run, giving
       ``fair/flip/<attribute>/{abs_change,flip_rate}`` and ``fair/cell/<cell>/{abs_change,flip_rate}``
@@ -73,6 +81,7 @@ class FairnessMetrics(EpochMetricCallback):
         every_n_epochs: compute every this many epochs of ``fit``.
         outputs: ``"logits"`` or ``"probabilities"``: what the model returns. Never guessed from the values: a
             batch of logits that all lie in ``[0, 1]`` would pass for probabilities.
+        confidence: the level of the confidence intervals of the rates and gaps, in ``(0, 1)``.
         plot_every_n_epochs: deprecated name of ``pictures_every_n_epochs``.
         prefix: deprecated name of ``name``.
 
@@ -98,6 +107,7 @@ class FairnessMetrics(EpochMetricCallback):
         name: str | None = None,
         every_n_epochs: int = 1,
         outputs: Literal["logits", "probabilities"] = "logits",
+        confidence: float = 0.95,
         plot_every_n_epochs: int | None = None,
         prefix: str | None = None,
     ) -> None:
@@ -135,6 +145,7 @@ class FairnessMetrics(EpochMetricCallback):
                     "columns or 1 column holding the integer code."
                 )
         self.outputs = outputs
+        self.confidence = float(confidence)
         self.fairness = IntersectionalFairness(
             self.num_values,
             self.cell_names,
@@ -143,6 +154,7 @@ class FairnessMetrics(EpochMetricCallback):
             min_cell_count,
             outputs=outputs,
             attribute_names=self.attributes,
+            confidence=confidence,
         )
         # the flip test's keys (fair/flip/<attribute>/...) name the attributes: log-safe, as the cells are
         self.flip = CounterfactualFlip(attribute_keys(self.attributes), self.num_values, self.cell_names)
@@ -288,10 +300,17 @@ class FairnessMetrics(EpochMetricCallback):
         rates = {
             key: [values[f"cell/{self.cell_names[i]}/{key}"] for i in present] for key in CELL_KEYS if key != "count"
         }
+        intervals = {
+            key: tuple([values[f"cell/{name}/{key}_{end}"] for name in names] for end in ("low", "high"))
+            for key in RATE_COUNTS
+        }
         counts = [values[f"cell/{name}/count"] for name in names]
-        dp = values.get("dp_diff", math.nan)
-        eo = values.get("eo_diff", math.nan)
         when = "test set" if stage == "test" else f"epoch {trainer.current_epoch}"
-        title = f"{when}: DP difference {dp:.3f}, EO difference {eo:.3f}"
-        image = render_cell_rates(names, rates, counts, title)
+        gaps = [
+            f"{label} {values.get(key, math.nan):.3f} [{values.get(f'{key}_low', math.nan):.2f}, "
+            f"{values.get(f'{key}_high', math.nan):.2f}]"
+            for key, label in (("dp_diff", "DP difference"), ("eo_diff", "EO difference"))
+        ]
+        title = f"{when}: {', '.join(gaps)} ({100 * self.fairness.confidence:.0f} % intervals)"
+        image = render_cell_rates(names, rates, counts, title, intervals)  # type: ignore[arg-type]
         log_image(trainer, self.key("cell_rates", stage), image, trainer.global_step)

@@ -56,7 +56,9 @@ class MutualInformationRegularizer(LossTerm):
         num_values: number of values of each attribute, e.g. ``[2, 5]`` (fixed, so that all ranks agree).
         weight: weight of the term at full schedule.
         estimator: ``"plugin"`` (mutual information in nats), ``"chi2"`` (chi-square dependence, bounds
-            HGR^2) or ``"hsic"`` (linear-kernel HSIC).
+            HGR^2), ``"hsic"`` (linear-kernel HSIC) or ``"rate_gap"`` (the largest gap between cells' mean
+            predictions; at ``temperature=1`` the DiffDP penalty). The plug-in estimate at ``temperature=1``
+            and ``momentum=0`` is also Kamishima et al.'s prejudice remover (PRemover) divided by the batch size.
         conditional_on_target: condition on the true class (batch key ``target``).
         min_cell_count: cells with fewer (running) examples are left out of the estimate.
         momentum: weight of the past in the running cell statistics; 0 uses the batch alone.
@@ -155,6 +157,13 @@ class MutualInformationRegularizer(LossTerm):
 
     @override
     def compute_term(self, pl_module: XAIMixin, context: StepContext) -> Tensor:
+        logits, cells, target = self._step_predictions(pl_module, context)
+        probs = as_probabilities(logits.float() / self.temperature)
+        sums, counts = self._global_statistics(pl_module, probs, cells, target)
+        return self._running_dependence(sums, counts)
+
+    def _step_predictions(self, pl_module: XAIMixin, context: StepContext) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The step's logits, each row's intersectional cell and (conditional form) its true class."""
         logits = context.cache.get(f"{self._key}/outputs")
         groups = context.cache[f"{self._key}/groups"]
         if logits is None:
@@ -165,15 +174,21 @@ class MutualInformationRegularizer(LossTerm):
                 "self.xai_loss(batch) under manual optimization), or set output_layer= to the submodule that "
                 "produces the logits."
             )
-        probs = as_probabilities(logits.float() / self.temperature)
-        cells = intersectional_cells(groups.to(probs.device), self.num_values, self.attributes)
+        cells = intersectional_cells(groups.to(logits.device), self.num_values, self.attributes)
         target = None
         if self.conditional_on_target:
+            num_classes = as_probabilities(logits[:1].detach()).shape[1]
             target = class_labels(
                 torch.as_tensor(context.get("target", self.where)),
-                probs.shape[1],
-                f"{self.where} (conditional_on_target=True): the target, one of the model's {probs.shape[1]} classes,",
-            ).to(probs.device)
+                num_classes,
+                f"{self.where} (conditional_on_target=True): the target, one of the model's {num_classes} classes,",
+            ).to(logits.device)
+        return logits, cells, target
+
+    def _global_statistics(
+        self, pl_module: XAIMixin, probs: Tensor, cells: Tensor, target: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Per-cell sums and counts of the global batch: this rank's, summed over all ranks with gradients."""
         sums, counts = cell_statistics(
             probs, cells, self.num_cells, target, probs.shape[1] if target is not None else None
         )
@@ -182,6 +197,10 @@ class MutualInformationRegularizer(LossTerm):
             # fixed shapes on every rank; sync_grads lets each rank's gradient see the global estimate
             sums = pl_module.all_gather(sums, sync_grads=True).sum(0)  # type: ignore[attr-defined]
             counts = pl_module.all_gather(counts).sum(0)  # type: ignore[attr-defined]
+        return sums, counts
+
+    def _running_dependence(self, sums: Tensor, counts: Tensor) -> Tensor:
+        """The estimator at the running statistics mixed with this step's (whose gradient it keeps)."""
         running = self.running_sums is not None and self.running_sums.shape == sums.shape
         if self.running_sums is not None and not running:  # e.g. the model's number of classes changed
             rank_zero_warn(

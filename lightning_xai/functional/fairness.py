@@ -8,7 +8,11 @@ statistics:
 * :func:`cell_statistics`: per cell (optionally per true class), the sum of the soft predictions and the
   number of examples, from one matrix product;
 * :func:`dependence_from_statistics`: plug-in mutual information ``I(Yhat; S)`` (or ``I(Yhat; S | Y)``),
-  the chi-square dependence (an upper bound of HGR maximal correlation squared) or linear-kernel HSIC;
+  the chi-square dependence (an upper bound of HGR maximal correlation squared), linear-kernel HSIC or the
+  largest gap between cells' mean predictions (:func:`rate_gap`: DiffDP's penalty, and with one-hot decisions
+  fairlearn's demographic-parity and equalized-odds differences);
+* :func:`wilson_interval` and :func:`difference_interval`: confidence intervals of per-cell rates and of the
+  gap between two cells, so that a gap within sampling noise shows as one;
 * :func:`mutual_information_penalty`: both steps on one batch, differentiable;
 * :func:`cell_confusion_counts` and :func:`fairness_report`: per-cell positive, true- and false-positive
   rates and accuracy, demographic-parity and equalized-odds differences (fairlearn's definitions).
@@ -30,8 +34,8 @@ from torch import Tensor
 
 from lightning_xai.errors import GroupValueError, XAIConfigurationError
 
-Estimator = Literal["plugin", "chi2", "hsic"]
-ESTIMATORS: tuple[str, ...] = ("plugin", "chi2", "hsic")
+Estimator = Literal["plugin", "chi2", "hsic", "rate_gap"]
+ESTIMATORS: tuple[str, ...] = ("plugin", "chi2", "hsic", "rate_gap")
 
 
 def _as_columns(groups: Tensor, num_attributes: int, where: str) -> Tensor:
@@ -180,16 +184,18 @@ def dependence_from_statistics(
     * ``"chi2"``: ``sum (p(s,c) - p(s)p(c))^2 / (p(s)p(c))``, the chi-square divergence from independence,
       an upper bound of the squared HGR maximal correlation;
     * ``"hsic"``: ``sum (p(s,c) - p(s)p(c))^2``, HSIC with a linear kernel on the predictions and a delta
-      kernel on the cells (the squared Frobenius norm of their cross-covariance).
+      kernel on the cells (the squared Frobenius norm of their cross-covariance);
+    * ``"rate_gap"``: the largest difference between two cells' mean predictions, the worst stratum's
+      (:func:`rate_gap`; not averaged over strata).
 
     The strata are averaged with weights ``n_y / n`` (conditional dependence ``I(Yhat; S | Y)``). Cells with
-    fewer than ``min_cell_count`` examples, and strata without examples, are left out; all three are 0 when
+    fewer than ``min_cell_count`` examples, and strata without examples, are left out; all four are 0 when
     every cell has the same mean prediction.
 
     Args:
         sums: ``(Y, S, C)`` per-cell sums of probabilities.
         counts: ``(Y, S)`` per-cell counts.
-        estimator: ``"plugin"``, ``"chi2"`` or ``"hsic"``.
+        estimator: ``"plugin"``, ``"chi2"``, ``"hsic"`` or ``"rate_gap"``.
         min_cell_count: cells with a smaller count are ignored.
 
     Returns:
@@ -205,11 +211,9 @@ def dependence_from_statistics(
     """
     if estimator not in ESTIMATORS:
         raise XAIConfigurationError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")
-    if sums.dim() != 3 or counts.shape != sums.shape[:2]:
-        raise XAIConfigurationError(
-            f"dependence_from_statistics: sums must be (Y, S, C) and counts (Y, S), got {tuple(sums.shape)} and "
-            f"{tuple(counts.shape)}."
-        )
+    _check_statistics(sums, counts, "dependence_from_statistics")
+    if estimator == "rate_gap":  # a gap between cells, not a divergence of the joint from the product
+        return rate_gap(sums, counts, min_cell_count)
     kept = (counts >= min_cell_count) & (counts > 0)
     counts = torch.where(kept, counts, torch.zeros_like(counts))
     sums = sums * kept.unsqueeze(-1).to(sums.dtype)
@@ -220,18 +224,133 @@ def dependence_from_statistics(
     p_cell = counts / normalizer[:, None]  # p(s | y)
     p_class = joint.sum(1, keepdim=True)  # p(c | y)
     product = p_cell.unsqueeze(-1) * p_class
-    positive = (joint > 0) & (product > 0)
-    if estimator == "plugin":
-        per_entry = torch.where(positive, joint * (_safe_log(joint, positive) - _safe_log(product, positive)), 0.0)
-    elif estimator == "chi2":
-        denominator = torch.where(product > 0, product, torch.ones_like(product))
-        per_entry = torch.where(product > 0, (joint - product).pow(2) / denominator, 0.0)
-    else:
-        per_entry = (joint - product).pow(2)
-    per_stratum = per_entry.sum((1, 2))
+    per_stratum = _DIVERGENCES[estimator](joint, product).sum((1, 2))
     total = stratum_size.sum()
     weights = stratum_size / torch.where(total > 0, total, torch.ones_like(total))
     return (weights * per_stratum).sum()
+
+
+def _mutual_information_entries(joint: Tensor, product: Tensor) -> Tensor:
+    positive = (joint > 0) & (product > 0)
+    return torch.where(positive, joint * (_safe_log(joint, positive) - _safe_log(product, positive)), 0.0)
+
+
+def _chi2_entries(joint: Tensor, product: Tensor) -> Tensor:
+    denominator = torch.where(product > 0, product, torch.ones_like(product))
+    return torch.where(product > 0, (joint - product).pow(2) / denominator, 0.0)
+
+
+def _hsic_entries(joint: Tensor, product: Tensor) -> Tensor:
+    return (joint - product).pow(2)
+
+
+# per (cell, class) entry of each divergence between p(s, c | y) and p(s | y) p(c | y)
+_DIVERGENCES = {"plugin": _mutual_information_entries, "chi2": _chi2_entries, "hsic": _hsic_entries}
+
+
+def _check_statistics(sums: Tensor, counts: Tensor, where: str) -> None:
+    if sums.dim() != 3 or counts.shape != sums.shape[:2]:
+        raise XAIConfigurationError(
+            f"{where}: sums must be (Y, S, C) and counts (Y, S), got {tuple(sums.shape)} and {tuple(counts.shape)}."
+        )
+
+
+def rate_gap(sums: Tensor, counts: Tensor, min_cell_count: float = 1.0) -> Tensor:
+    """The largest difference between two cells' mean predictions, in the worst stratum and class.
+
+    With ``rate[y, s, c] = sums[y, s, c] / counts[y, s]``, it is ``max over y, c of (max_s - min_s) rate[y, s, c]``
+    over the cells with at least ``min_cell_count`` examples. On one-hot *decisions* this is fairlearn's
+    ``demographic_parity_difference`` (one stratum) and ``equalized_odds_difference`` (strata = true
+    classes: the larger of the TPR and FPR gaps); on soft probabilities it is the DiffDP penalty (Chuang &
+    Mroueh 2021, as in FFB) generalized to many cells, and with tempered logits (temperature < 1) a
+    differentiable surrogate of the decision gap. Its gradient reaches the two extreme cells only.
+
+    Args:
+        sums: ``(Y, S, C)`` per-cell sums of predictions (:func:`cell_statistics`).
+        counts: ``(Y, S)`` per-cell counts.
+        min_cell_count: cells with fewer examples are left out.
+
+    Returns:
+        A scalar; 0 when fewer than two cells of a stratum are left.
+
+    Examples:
+        >>> import torch
+        >>> decisions = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])  # one-hot
+        >>> sums, counts = cell_statistics(decisions, torch.tensor([0, 0, 1, 1]), num_cells=2)
+        >>> rate_gap(sums, counts)
+        tensor(0.)
+        >>> sums, counts = cell_statistics(decisions, torch.tensor([0, 1, 1, 1]), num_cells=2)
+        >>> rate_gap(sums, counts).round(decimals=4)  # positive rates 0 and 2/3
+        tensor(0.6667)
+    """
+    _check_statistics(sums, counts, "rate_gap")
+    kept = ((counts >= min_cell_count) & (counts > 0)).unsqueeze(-1)  # (Y, S, 1)
+    rates = sums / torch.where(kept, counts.unsqueeze(-1), torch.ones_like(counts.unsqueeze(-1)))
+    highest = torch.where(kept, rates, torch.full_like(rates, -torch.inf)).amax(1)  # (Y, C)
+    lowest = torch.where(kept, rates, torch.full_like(rates, torch.inf)).amin(1)
+    comparable = kept.squeeze(-1).sum(1, keepdim=True) >= 2  # (Y, 1)
+    gaps = torch.where(comparable, highest - lowest, torch.zeros_like(highest))
+    return gaps.amax() if gaps.numel() else sums.sum() * 0
+
+
+def wilson_interval(successes: Tensor, trials: Tensor, z: float = 1.96) -> tuple[Tensor, Tensor]:
+    """Wilson score interval of a binomial rate ``successes / trials`` (elementwise; NaN where ``trials`` is 0).
+
+    Unlike the normal approximation it stays inside ``[0, 1]`` and keeps its coverage for small cells and
+    rates near 0 or 1 (Brown, Cai & DasGupta 2001), the regime of the small intersectional cells.
+
+    Args:
+        successes: counts of successes.
+        trials: counts of trials.
+        z: the normal quantile of the two-sided level (1.96: 95 %).
+
+    Returns:
+        ``(low, high)`` in float64.
+
+    Examples:
+        >>> import torch
+        >>> low, high = wilson_interval(torch.tensor([5]), torch.tensor([50]))
+        >>> low.round(decimals=4), high.round(decimals=4)
+        (tensor([0.0435], dtype=torch.float64), tensor([0.2136], dtype=torch.float64))
+    """
+    k, n = successes.to(torch.float64), trials.to(torch.float64)
+    defined = n > 0
+    n_safe = torch.where(defined, n, torch.ones_like(n))
+    p = k / n_safe
+    z2 = z * z
+    centre = (p + z2 / (2 * n_safe)) / (1 + z2 / n_safe)
+    half = z * torch.sqrt(p * (1 - p) / n_safe + z2 / (4 * n_safe * n_safe)) / (1 + z2 / n_safe)
+    nan = torch.full_like(p, torch.nan)
+    return (
+        torch.where(defined, (centre - half).clamp_min(0.0), nan),
+        torch.where(defined, (centre + half).clamp_max(1.0), nan),
+    )
+
+
+def difference_interval(
+    rate_a: Tensor, interval_a: tuple[Tensor, Tensor], rate_b: Tensor, interval_b: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Newcombe's hybrid score interval of ``rate_a - rate_b`` from the two rates' Wilson intervals.
+
+    ``d - sqrt((a - l_a)^2 + (u_b - b)^2)`` to ``d + sqrt((u_a - a)^2 + (b - l_b)^2)`` (Newcombe 1998, method
+    10). Applied to the cells with the highest and the lowest rate it ignores that this pair was selected,
+    so it is an optimistic interval of a max - min gap: a gap whose interval includes 0 is within noise.
+
+    Examples:
+        >>> import torch
+        >>> k, n = torch.tensor([30, 10]), torch.tensor([100, 100])
+        >>> low, high = wilson_interval(k, n)
+        >>> rates = k / n
+        >>> d_low, d_high = difference_interval(rates[0], (low[0], high[0]), rates[1], (low[1], high[1]))
+        >>> round(float(d_low), 3), round(float(d_high), 3)
+        (0.09, 0.306)
+    """
+    low_a, high_a = interval_a
+    low_b, high_b = interval_b
+    difference = rate_a.to(torch.float64) - rate_b.to(torch.float64)
+    below = torch.sqrt((rate_a - low_a) ** 2 + (high_b - rate_b) ** 2)
+    above = torch.sqrt((high_a - rate_a) ** 2 + (rate_b - low_b) ** 2)
+    return difference - below, difference + above
 
 
 def running_statistics(previous: Tensor | None, current: Tensor, momentum: float) -> Tensor:

@@ -23,6 +23,7 @@ from lightning_xai.callbacks import (
     AdversarialConceptHead,
     ControlConceptHead,
     ExplanationPenalty,
+    FairnessConstraint,
     MutualInformationRegularizer,
 )
 from lightning_xai.callbacks._concept_head import ConceptHead
@@ -120,10 +121,12 @@ EXTRA_TERMS = {
         "hint": lambda: ExplanationPenalty("hint", weight=2.0),
         "rbr": lambda: ExplanationPenalty("rbr", weight=2.0),
         "counterexamples": lambda: ExplanationPenalty("counterexamples", weight=2.0),
+        "fairness_constraint": lambda: FairnessConstraint(["sex"], [2], max_dp_difference=0.0, initial_multiplier=2.0),
     },
     "text": {
         "rrr_gradcam": lambda: ExplanationPenalty("rrr_gradcam", weight=2.0),
         "counterexamples": lambda: ExplanationPenalty("counterexamples", weight=2.0),
+        "fairness_constraint": lambda: FairnessConstraint(["sex"], [2], max_dp_difference=0.0, initial_multiplier=2.0),
     },
 }
 EXTRA_PARTNERS = ("cdep", "rrr", "mutual_information", "adversary")

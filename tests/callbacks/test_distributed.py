@@ -76,6 +76,34 @@ def test_ddp_mutual_information_regularizer_equals_single_process_on_global_batc
     _assert_one_sgd_step(results[2]["parameters"], lambda m: F.cross_entropy(m(x), y) + weight * penalty(m))
 
 
+@pytest.mark.parametrize("kind", ["max_dp_difference", "max_eo_difference"])
+def test_ddp_fairness_constraint_holds_one_multiplier_equal_to_the_single_process(kind):
+    from lightning_xai.callbacks import FairnessConstraint
+
+    g = torch.Generator().manual_seed(1)
+    n = 32
+    x = torch.randn(n, 4, generator=g)
+    y = torch.randint(0, 2, (n,), generator=g)
+    sex, race = torch.randint(0, 2, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)
+    results = assert_ddp_matches_single(
+        _sgd_mlp,
+        lambda: [
+            FairnessConstraint(
+                ["sex", "race"], [2, 3], **{kind: 0.0}, initial_multiplier=1.0, multiplier_lr=0.5, name="bound"
+            )
+        ],
+        DictDataset(input=x, target=y, sex=sex, race=race),
+        # one global batch (the distributed sampler shuffles, so only a full batch is the same on both sides),
+        # four optimizer steps: the multiplier after each depends on the decisions gathered from both ranks
+        batch_size=n,
+        max_steps=4,
+    )
+    # the multiplier is logged per step on every rank without reduction: equal only if every rank holds it
+    for key in ("xai/bound/multiplier_step", "xai/bound/gap_step", "xai/bound_step"):
+        assert results[2]["values"][key] == pytest.approx(results[1]["values"][key], rel=1e-5)
+    assert results[1]["values"]["xai/bound/multiplier_step"] != 1.0
+
+
 def test_ddp_fairness_metrics_equal_single_process():
     from lightning_xai.callbacks import FairnessMetrics
     from tests.callbacks.test_fairness_metrics import Classifier, tabular

@@ -14,6 +14,7 @@ from lightning_xai.callbacks import (
     ConceptEffect,
     ControlConceptHead,
     ExplanationPenalty,
+    FairnessConstraint,
     FairnessMetrics,
     LossTerm,
     MutualInformationRegularizer,
@@ -32,6 +33,10 @@ class StagesCNNBody(CompositionCNNBody):
 CALLBACKS = {
     "ExplanationPenalty": (lambda name=None: ExplanationPenalty("cdep", name=name), None),
     "MutualInformationRegularizer": (lambda name=None: MutualInformationRegularizer(["sex"], [2], name=name), None),
+    "FairnessConstraint": (
+        lambda name=None: FairnessConstraint(["sex"], [2], max_dp_difference=0.0, name=name),
+        None,
+    ),
     "AdversarialConceptHead": (lambda name=None: AdversarialConceptHead("features", "gender", 2, name=name), None),
     "ControlConceptHead": (lambda name=None: ControlConceptHead("features", "control", 2, name=name), None),
     "AttributionMetrics": (

@@ -24,10 +24,13 @@ from lightning_xai.functional.fairness import (
     cell_confusion_counts,
     cell_statistics,
     dependence_from_statistics,
+    difference_interval,
     fairness_report,
     intersectional_cells,
     mutual_information_penalty,
+    rate_gap,
     running_statistics,
+    wilson_interval,
 )
 
 
@@ -302,3 +305,56 @@ def test_fairness_report_leaves_undefined_rates_out_of_the_gaps():
 def test_confusion_counts_refuse_non_binary_labels():
     with pytest.raises(XAIConfigurationError, match="binary"):
         cell_confusion_counts(torch.tensor([0, 2]), torch.tensor([0, 1]), torch.tensor([0, 0]), 1)
+
+
+# ---------------------------------------------------------------- rate gaps and confidence intervals
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rate_gap_of_one_hot_decisions_equals_fairlearns_dp_and_eo_differences(seed):
+    y_true, y_pred, sex, race = _labelled(700, seed)
+    cells = intersectional_cells(torch.tensor(np.stack([sex, race], 1)), [2, 3])
+    decisions = torch.nn.functional.one_hot(torch.tensor(y_pred), 2).double()
+    features = {"sex": sex, "race": race}
+    dp = rate_gap(*cell_statistics(decisions, cells, 6))
+    eo = rate_gap(*cell_statistics(decisions, cells, 6, torch.tensor(y_true), 2))
+    assert dp.item() == pytest.approx(demographic_parity_difference(y_true, y_pred, sensitive_features=features))
+    assert eo.item() == pytest.approx(equalized_odds_difference(y_true, y_pred, sensitive_features=features))
+    assert dependence_from_statistics(*cell_statistics(decisions, cells, 6), estimator="rate_gap") == dp
+
+
+def test_rate_gap_is_differentiable_leaves_small_cells_out_and_is_zero_for_one_cell():
+    probs = torch.tensor([[0.8, 0.2], [0.6, 0.4], [0.1, 0.9], [0.5, 0.5]], requires_grad=True)
+    sums, counts = cell_statistics(probs, torch.tensor([0, 0, 1, 2]), 3)
+    gap = rate_gap(sums, counts)
+    assert gap.item() == pytest.approx(0.9 - 0.3)  # cell 1's positive rate minus cell 0's
+    (gradient,) = torch.autograd.grad(gap, probs)
+    # along p(positive) - p(negative): +1 for cell 1's row, -1/2 for each row of cell 0, nothing for cell 2 (the
+    # two classes' gaps are equal, so which of them carries the gradient is a tie)
+    assert (gradient[:, 1] - gradient[:, 0]).tolist() == pytest.approx([-0.5, -0.5, 1.0, 0.0])
+    assert rate_gap(sums, counts, min_cell_count=2).item() == 0.0  # only cell 0 is left
+    assert rate_gap(*cell_statistics(probs, torch.zeros(4, dtype=torch.long), 1)).item() == 0.0
+
+
+def test_wilson_interval_equals_scipy_and_is_nan_for_an_empty_cell():
+    from scipy.stats import binomtest
+
+    successes, trials = torch.tensor([0, 5, 33, 50, 0]), torch.tensor([12, 50, 57, 50, 0])
+    low, high = wilson_interval(successes, trials)
+    for k, n, lo, hi in zip(successes.tolist(), trials.tolist(), low.tolist(), high.tolist()):
+        if n == 0:
+            assert math.isnan(lo) and math.isnan(hi)
+            continue
+        reference = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert (lo, hi) == pytest.approx((reference.low, reference.high), abs=1e-3)  # z = 1.96 vs the exact quantile
+    low99, high99 = wilson_interval(successes, trials, z=2.576)
+    assert bool((low99[:4] <= low[:4] + 1e-12).all() and (high99[:4] >= high[:4] - 1e-12).all())
+
+
+def test_difference_interval_reproduces_newcombes_worked_example():
+    # Newcombe (1998), Table II, example (a): 56/70 vs 48/80, method 10 gives 0.0524 to 0.3339
+    k, n = torch.tensor([56, 48]), torch.tensor([70, 80])
+    low, high = wilson_interval(k, n)
+    rates = k / n
+    d_low, d_high = difference_interval(rates[0], (low[0], high[0]), rates[1], (low[1], high[1]))
+    assert (float(d_low), float(d_high)) == pytest.approx((0.0524, 0.3339), abs=1e-4)
