@@ -63,7 +63,7 @@ from lightning_xai.callbacks import (  # noqa: E402
 )
 from lightning_xai.datasets.adult import RACE_VALUES, AdultIncome  # noqa: E402
 from lightning_xai.functional.fairness import cell_confusion_counts, fairness_report  # noqa: E402
-from lightning_xai.samplers import StratifiedBatchSampler  # noqa: E402
+from lightning_xai.samplers import StratifiedBatchSampler, stratified_split  # noqa: E402
 
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=r".*(log_every_n_steps|does not have many workers|litlogger|sync_dist).*")
@@ -130,17 +130,8 @@ PROTOCOLS: dict[str, Callable[[AdultIncome], Task]] = {
 
 def split(task: Task, seed: int) -> dict[str, torch.Tensor]:
     """Train / validation / test rows (60 / 20 / 20), stratified by cell and label."""
-    generator = torch.Generator().manual_seed(seed)
-    parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
-    strata = task.cells * 2 + task.targets
-    for stratum in torch.unique(strata).tolist():
-        members = torch.nonzero(strata == stratum).squeeze(1)
-        members = members[torch.randperm(members.numel(), generator=generator)].tolist()
-        cut_val, cut_test = round(0.6 * len(members)), round(0.8 * len(members))
-        parts["train"] += members[:cut_val]
-        parts["val"] += members[cut_val:cut_test]
-        parts["test"] += members[cut_test:]
-    return {name: torch.tensor(sorted(rows)) for name, rows in parts.items()}
+    parts = stratified_split(task.cells * 2 + task.targets, [0.6, 0.2, 0.2], seed=seed)
+    return dict(zip(("train", "val", "test"), parts))
 
 
 # ----------------------------------------------------------------------------------------------- the MLP

@@ -1,4 +1,4 @@
-"""Batch samplers that keep every intersectional cell in every batch, for small-batch fairness estimates."""
+"""Batch samplers that keep every intersectional cell in every batch, and splits stratified by cell and label."""
 
 from __future__ import annotations
 
@@ -107,3 +107,40 @@ class StratifiedBatchSampler(Sampler[list[int]]):
             ]
             batches = batches[self.rank :: self.num_replicas]
         yield from batches
+
+
+def stratified_split(strata: Sequence[int] | Tensor, fractions: Sequence[float], seed: int = 0) -> list[Tensor]:
+    """Disjoint index sets (train / validation / test, ...) that each hold every stratum in proportion.
+
+    Each stratum (e.g. an intersectional cell crossed with the label) is shuffled with ``seed`` and cut at the
+    cumulative ``fractions``, so a small cell still appears in every part, and the parts' cell and label
+    rates match the whole. The fractions must sum to 1.
+
+    Args:
+        strata: the stratum id of every example.
+        fractions: the share of each part, e.g. ``[0.6, 0.2, 0.2]``.
+        seed: the seed of the shuffle; the same seed gives the same split.
+
+    Returns:
+        One sorted ``(n_k,)`` long tensor of indices per part.
+
+    Examples:
+        >>> strata = [0] * 10 + [1] * 5
+        >>> train, test = stratified_split(strata, [0.6, 0.4], seed=0)
+        >>> len(train), len(test), sum(strata[i] for i in test.tolist())
+        (9, 6, 2)
+    """
+    shares = [float(f) for f in fractions]
+    if not shares or min(shares) < 0 or abs(sum(shares) - 1.0) > 1e-6:
+        raise XAIConfigurationError(f"stratified_split: fractions must be >= 0 and sum to 1, got {list(fractions)}.")
+    strata = torch.as_tensor(strata).reshape(-1)
+    generator = torch.Generator().manual_seed(seed)
+    cuts = torch.tensor(shares).cumsum(0)
+    parts: list[list[Tensor]] = [[] for _ in shares]
+    for stratum in torch.unique(strata).tolist():
+        members = torch.nonzero(strata == stratum).squeeze(1)
+        members = members[torch.randperm(members.numel(), generator=generator)]
+        bounds = [0, *[round(float(c) * members.numel()) for c in cuts]]
+        for part, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            parts[part].append(members[start:end])
+    return [torch.sort(torch.cat(chunks)).values if chunks else torch.zeros(0, dtype=torch.long) for chunks in parts]

@@ -27,6 +27,11 @@ CATEGORICAL = (
 LABEL = "income-per-year"
 SEX_VALUES = ("Male", "Female")
 RACE_VALUES = ("White", "Black", "Amer-Indian-Eskimo", "Asian-Pac-Islander", "Other")
+#: how the race codes group the five races: each grouping's value names, and the group of each race
+RACE_GROUPINGS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
+    "all": (RACE_VALUES, (0, 1, 2, 3, 4)),
+    "white_other": (("White", "other"), (0, 1, 1, 1, 1)),  # the 4-cell intersectional protocol
+}
 _LOG_SCALED = ("capital-gain", "capital-loss", "fnlwgt")
 
 
@@ -38,7 +43,9 @@ class AdultIncome(Dataset[dict[str, Tensor]]):
     standardized (``capital-gain``, ``capital-loss`` and ``fnlwgt`` after ``log1p``), categorical columns are
     one-hot encoded (``?`` is a category of its own), and the protected attributes are kept both as one-hot
     input columns and as integer codes: ``sex`` in :data:`SEX_VALUES` order, ``race`` in :data:`RACE_VALUES`
-    order (2 x 5 = 10 intersectional cells). No data ships with the package.
+    order (2 x 5 = 10 intersectional cells), or grouped by ``race_grouping`` (``"white_other"``: White /
+    other, 2 x 2 = 4 cells, whose smallest cell is not a few dozen rows). The input columns keep all five
+    races. No data ships with the package.
 
     Items are dicts ``{"input", "target", "sex", "race"}`` (the batch contract's dict layout).
 
@@ -46,14 +53,23 @@ class AdultIncome(Dataset[dict[str, Tensor]]):
         path: the CSV file.
         standardize_with: another ``AdultIncome`` (the training split) whose means, deviations and
             categories to use, so that a test file is encoded like the training data.
+        race_grouping: ``"all"`` (5 race codes) or ``"white_other"`` (2) for the ``race`` codes.
 
     Attributes:
         inputs: ``(N, F)`` float features. targets: ``(N,)`` 0/1. sex, race: ``(N,)`` codes.
         feature_names: the name of each input column (``sex=Female``, ``age``, ...).
-        attribute_columns: the one-hot input columns of ``sex`` and ``race`` (for the flip test).
+        attribute_columns: the one-hot input columns of ``sex`` and ``race`` (for the flip test with the
+            five race codes; under a grouping use :meth:`counterfactual`).
+        race_names: the names of the ``race`` codes (:data:`RACE_VALUES`, or ``("White", "other")``).
     """
 
-    def __init__(self, path: str | Path, standardize_with: AdultIncome | None = None) -> None:
+    def __init__(
+        self, path: str | Path, standardize_with: AdultIncome | None = None, race_grouping: str = "all"
+    ) -> None:
+        if race_grouping not in RACE_GROUPINGS:
+            raise XAIConfigurationError(
+                f"AdultIncome: race_grouping must be one of {sorted(RACE_GROUPINGS)}, got {race_grouping!r}."
+            )
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
@@ -105,7 +121,10 @@ class AdultIncome(Dataset[dict[str, Tensor]]):
         self.inputs = torch.cat(blocks, dim=1)
         self.targets = torch.tensor([1 if row[label].rstrip(".").startswith(">") else 0 for row in rows])
         self.sex = torch.tensor([SEX_VALUES.index(row["sex"]) for row in rows])
-        self.race = torch.tensor([RACE_VALUES.index(row["race"]) for row in rows])
+        self.race_names, group_of = RACE_GROUPINGS[race_grouping]
+        # the race whose input column stands for each race code in a counterfactual: the group's largest race
+        self._race_column_of_code = [group_of.index(code) if code == 0 else 1 for code in range(len(self.race_names))]
+        self.race = torch.tensor([group_of[RACE_VALUES.index(row["race"])] for row in rows])
 
     @staticmethod
     def _numeric(rows: Sequence[dict[str, str]]) -> Tensor:
@@ -117,6 +136,20 @@ class AdultIncome(Dataset[dict[str, Tensor]]):
                 entry.append(math.log1p(max(value, 0.0)) if column in _LOG_SCALED else value)
             values.append(entry)
         return torch.tensor(values, dtype=torch.float32)
+
+    def counterfactual(self, inputs: Tensor, attribute: str, value: int) -> Tensor:
+        """``inputs`` with the protected ``attribute`` set to code ``value`` in every row (a flip-test input).
+
+        The attribute's one-hot input columns are cleared and the column of ``value`` is set. Under the
+        ``"white_other"`` grouping the code ``other`` sets the column of Black, the largest race of the group.
+        Pass it as ``FairnessMetrics(counterfactual_fn=dataset.counterfactual)``.
+        """
+        columns = self.attribute_columns[attribute]
+        column = columns[value if attribute == "sex" else self._race_column_of_code[value]]
+        flipped = inputs.clone()
+        flipped[:, columns] = 0.0
+        flipped[:, column] = 1.0
+        return flipped
 
     def __len__(self) -> int:
         return self.targets.shape[0]
@@ -131,5 +164,5 @@ class AdultIncome(Dataset[dict[str, Tensor]]):
 
     @property
     def cells(self) -> Tensor:
-        """The intersectional cell of every row, ``sex * 5 + race``."""
-        return self.sex * len(RACE_VALUES) + self.race
+        """The intersectional cell of every row, ``sex * len(race_names) + race``."""
+        return self.sex * len(self.race_names) + self.race

@@ -65,3 +65,38 @@ def test_missing_file_columns_and_unknown_values_are_named(tmp_path):
         AdultIncome(write(tmp_path, [r.split(",", 1)[1] for r in ROWS], header=HEADER.split(",", 1)[1]))
     with pytest.raises(XAIConfigurationError, match="sex='Unknown'"):
         AdultIncome(write(tmp_path, [ROWS[0].replace("Male", "Unknown")]))
+
+
+def test_race_grouping_white_other_gives_four_cells_and_counterfactuals_set_the_right_columns(tmp_path):
+    data = AdultIncome(write(tmp_path, ROWS), race_grouping="white_other")
+    assert data.race_names == ("White", "other") and data.race.tolist() == [0, 1, 1, 1]
+    assert data.cells.tolist() == (data.sex * 2 + data.race).tolist()
+    race, sex = data.attribute_columns["race"], data.attribute_columns["sex"]
+    as_other = data.counterfactual(data.inputs, "race", 1)  # "other" is set as Black, the group's largest race
+    assert as_other[:, race].tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0]] * 4
+    as_female = data.counterfactual(data.inputs, "sex", 1)
+    assert as_female[:, sex].tolist() == [[0.0, 1.0]] * 4
+    keep = [c for c in range(data.inputs.shape[1]) if c not in sex]
+    torch.testing.assert_close(as_female[:, keep], data.inputs[:, keep])  # nothing else changes
+    with pytest.raises(XAIConfigurationError, match="race_grouping must be one of"):
+        AdultIncome(write(tmp_path, ROWS), race_grouping="binary")
+
+
+def synthetic_adult(tmp_path, n: int = 600, seed: int = 0):
+    """A random Adult-shaped CSV in which income depends on education and on sex."""
+    import random
+
+    rng = random.Random(seed)
+    lines = [HEADER]
+    for _ in range(n):
+        sex, race = rng.choice(SEX_VALUES), rng.choice(["White"] * 6 + list(RACE_VALUES[1:]))
+        years = rng.randint(6, 16)
+        rich = years + (3 if sex == "Male" else 0) + rng.gauss(0, 2) > 15
+        lines.append(
+            f"{rng.randint(18, 70)},Private,{rng.randint(20000, 300000)},HS-grad,{years},"
+            f"{rng.choice(['Never-married', 'Married-civ-spouse'])},Sales,Husband,{race},{sex},"
+            f"{rng.choice([0, 0, 5000])},0,{rng.randint(20, 60)},United-States,{'>50K' if rich else '<=50K'}"
+        )
+    path = tmp_path / "synthetic_adult.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
