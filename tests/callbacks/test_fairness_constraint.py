@@ -11,17 +11,8 @@ from torch.nn import functional as F
 from lightning_xai.callbacks import FairnessConstraint
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional.fairness import as_probabilities, cell_statistics, rate_gap
-from tests.callbacks.test_mutual_information_regularizer import planted
+from tests.callbacks.test_mutual_information_regularizer import fit, planted
 from tests.helpers import MLP, DictDataset, loader, trainer
-
-
-def fit(data, callbacks, epochs: int = 15, batch_size: int = 200, **trainer_kwargs):
-    torch.manual_seed(0)
-    model = MLP(lr=0.02)
-    train = {k: v for k, v in data.items() if k != "signal_label"}
-    run = trainer(max_epochs=epochs, callbacks=callbacks, **trainer_kwargs)
-    run.fit(model, loader(DictDataset(**train), batch_size, shuffle=True))
-    return model.eval(), run
 
 
 def gaps(model, data):
