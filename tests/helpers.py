@@ -213,6 +213,28 @@ def tiny_bert_config(**overrides):
     return transformers.BertConfig(**settings)
 
 
+class InterleavedRanks(torch.utils.data.Sampler[int]):
+    """Rank ``r`` of ``world_size`` takes rows ``r, r + world_size, ...`` in order, its rank read when iterating.
+
+    With per-rank batches of ``B / world_size``, step ``k`` of every rank together holds rows ``kB .. (k+1)B - 1``:
+    the single process's batch ``k``. The rank is read from ``torch.distributed`` in ``__iter__``, after
+    ``ddp_spawn`` has started the process group.
+    """
+
+    def __init__(self, num_rows: int, world_size: int) -> None:
+        if num_rows % world_size:
+            raise ValueError(f"InterleavedRanks: {num_rows} rows do not split evenly over {world_size} ranks.")
+        self.num_rows, self.world_size = num_rows, world_size
+
+    def __iter__(self):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if distributed else 0
+        return iter(range(rank, self.num_rows, self.world_size))
+
+    def __len__(self) -> int:
+        return self.num_rows // self.world_size
+
+
 def assert_ddp_matches_single(
     make_model: Any,
     make_callbacks: Any,
@@ -230,8 +252,10 @@ def assert_ddp_matches_single(
 ) -> dict[int, dict[str, Any]]:
     """Runs ``make_model()`` with ``make_callbacks()`` in one process and under ``ddp_spawn`` with two CPU processes.
 
-    Every batch of the single process holds ``batch_size`` samples; each DDP rank gets half of them (the
-    distributed sampler), so the two runs see the same global batches. Asserts that the logged values whose keys
+    Every batch of the single process holds ``batch_size`` samples; each DDP rank gets half of them, rank
+    ``r`` the rows ``r, r + 2, ...`` of the same consecutive block (:class:`InterleavedRanks`; Lightning's
+    distributed sampler would shuffle), so the two runs see the same global batches at every step.
+    Asserts that the logged values whose keys
     start with ``prefixes`` (except those ending with a suffix in ``ignore``) and (with ``parameters``) the trained
     parameters agree, in the spirit of torchmetrics' ``MetricTester``. ``ddp_spawn`` returns rank 0's parameters
     and ``callback_metrics`` to this process (parameters the model lacked before ``fit`` are not returned).
@@ -244,11 +268,12 @@ def assert_ddp_matches_single(
             package,
             devices=devices,
             strategy=strategy,
-            use_distributed_sampler=True,
+            use_distributed_sampler=False,
             callbacks=make_callbacks(),
             **trainer_kwargs,
         )
-        getattr(run, stage)(model, loader(dataset, batch_size // devices))
+        sampler = InterleavedRanks(len(dataset), devices)
+        getattr(run, stage)(model, DataLoader(dataset, batch_size=batch_size // devices, sampler=sampler))
         results[devices] = {
             "values": {k: v.item() for k, v in run.callback_metrics.items() if k.startswith(prefixes)},
             "parameters": {name: p.detach().clone() for name, p in model.named_parameters()},

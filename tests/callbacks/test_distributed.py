@@ -93,9 +93,7 @@ def test_ddp_fairness_constraint_holds_one_multiplier_equal_to_the_single_proces
             )
         ],
         DictDataset(input=x, target=y, sex=sex, race=race),
-        # one global batch (the distributed sampler shuffles, so only a full batch is the same on both sides),
-        # four optimizer steps: the multiplier after each depends on the decisions gathered from both ranks
-        batch_size=n,
+        batch_size=8,  # four global batches of 8: the multiplier after each step depends on both ranks' decisions
         max_steps=4,
     )
     # the multiplier is logged per step on every rank without reduction: equal only if every rank holds it
