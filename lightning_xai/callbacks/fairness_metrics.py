@@ -51,7 +51,8 @@ class FairnessMetrics(EpochMetricCallback):
       ``value_names`` (or ``sex0_race4``); undefined rates are not logged;
     * confidence intervals (level ``confidence``): ``fair/dp_diff_low``/``_high``, ``fair/eo_diff_low``/``_high``
       and per cell ``fair/cell/<cell>/{pos_rate,tpr,fpr}_low``/``_high`` (Wilson; see
-      :class:`~lightning_xai.metrics.IntersectionalFairness`), drawn as whiskers in the chart;
+      :class:`~lightning_xai.metrics.IntersectionalFairness`), drawn as whiskers in the chart, and
+      ``fair/dp_diff_floor``, the DP difference a fair model would show on cells of these sizes;
     * with ``attribute_columns`` or ``counterfactual_fn``, the causal flip test: every protected attribute of
       every example is set to each of its other values and the model re-run, giving
       ``fair/flip/<attribute>/{abs_change,flip_rate}`` and ``fair/cell/<cell>/{abs_change,flip_rate}``
@@ -311,6 +312,10 @@ class FairnessMetrics(EpochMetricCallback):
             f"{values.get(f'{key}_high', math.nan):.2f}]"
             for key, label in (("dp_diff", "DP difference"), ("eo_diff", "EO difference"))
         ]
-        title = f"{when}: {', '.join(gaps)} ({100 * self.fairness.confidence:.0f} % intervals)"
+        floor = values.get("dp_diff_floor", math.nan)
+        title = (
+            f"{when}: {', '.join(gaps)}\n({100 * self.fairness.confidence:.0f} % intervals; "
+            f"a fair model's DP difference on these cells: {floor:.3f})"
+        )
         image = render_cell_rates(names, rates, counts, title, intervals)  # type: ignore[arg-type]
         log_image(trainer, self.key("cell_rates", stage), image, trainer.global_step)

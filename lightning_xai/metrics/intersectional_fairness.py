@@ -19,6 +19,7 @@ from lightning_xai.functional.fairness import (
     difference_interval,
     fairness_report,
     intersectional_cells,
+    parity_gap_floor,
     wilson_interval,
 )
 
@@ -95,7 +96,9 @@ class IntersectionalFairness(Metric):
       ``tpr`` and ``fpr`` (Wilson score intervals), and ``dp_diff_low``/``_high`` and ``eo_diff_low``/``_high``
       (Newcombe's interval of the difference between the two cells that attain the gap). A gap whose interval
       reaches 0 is within sampling noise: on Adult's test split the smallest intersectional cells hold a few
-      dozen rows, and their rates are uncertain by +-0.1.
+      dozen rows, and their rates are uncertain by +-0.1;
+    * ``dp_diff_floor``: the DP difference a fair model (the same positive rate, the overall one, in every
+      cell) would show on cells of these sizes (:func:`~lightning_xai.functional.fairness.parity_gap_floor`).
 
     The gaps follow fairlearn's ``between_groups`` definitions (they equal ``demographic_parity_difference``,
     ``equalized_odds_difference`` and ``MetricFrame`` results on data where every cell has both labels),
@@ -205,6 +208,9 @@ class IntersectionalFairness(Metric):
         counted = confusion.sum(1) >= max(self.min_cell_count, 1)
         for gap, rates in GAP_RATES.items():
             values[f"{gap}_low"], values[f"{gap}_high"] = self._gap_interval(full, intervals, rates, counted)
+        cell_counts = confusion.sum(1)[counted]
+        overall = (confusion[counted][:, 1] + confusion[counted][:, 3]).sum() / cell_counts.sum().clamp_min(1)
+        values["dp_diff_floor"] = parity_gap_floor(cell_counts, overall).to(counts.device)
         for cell, name in enumerate(self.cell_names):
             for key in CELL_KEYS:
                 values[f"cell/{name}/{key}"] = full[key][cell]

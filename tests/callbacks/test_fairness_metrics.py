@@ -231,3 +231,6 @@ def test_confidence_intervals_are_wilsons_and_a_gap_within_noise_reaches_zero(tm
     metric.update(torch.rand(80, generator=g), torch.randint(0, 2, (80,), generator=g), groups)
     noisy = metric.compute()
     assert noisy["dp_diff"] > 0.1 and noisy["dp_diff_low"] < 0 < noisy["dp_diff_high"]
+    # ... and a fair model on four cells of 20 would show a larger gap still (0.23 against 0.10)
+    assert noisy["dp_diff_floor"] > noisy["dp_diff"]
+    assert 0 < values["fair/dp_diff_floor"] < values["fair/dp_diff_high"]

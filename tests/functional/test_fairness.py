@@ -28,6 +28,7 @@ from lightning_xai.functional.fairness import (
     fairness_report,
     intersectional_cells,
     mutual_information_penalty,
+    parity_gap_floor,
     rate_gap,
     running_statistics,
     wilson_interval,
@@ -358,3 +359,19 @@ def test_difference_interval_reproduces_newcombes_worked_example():
     rates = k / n
     d_low, d_high = difference_interval(rates[0], (low[0], high[0]), rates[1], (low[1], high[1]))
     assert (float(d_low), float(d_high)) == pytest.approx((0.0524, 0.3339), abs=1e-4)
+
+
+def test_parity_gap_floor_is_a_fair_models_expected_gap():
+    # two cells: E|p1 - p2| of two binomial proportions, about sqrt(2 / pi) * sd(p1 - p2)
+    n = torch.tensor([400, 100])
+    expected = math.sqrt(2 / math.pi) * math.sqrt(0.3 * 0.7 * (1 / 400 + 1 / 100))
+    assert parity_gap_floor(n, 0.3, draws=20000).item() == pytest.approx(expected, rel=0.03)
+    # Adult's test cells of the 60/20/20 split (benchmarks/fairness_frontier.py): 10 cells vs the 4-cell grouping
+    cells10 = torch.tensor([3835, 313, 39, 139, 33, 1729, 311, 23, 70, 22])
+    cells4 = torch.tensor([3835, 524, 1729, 426])
+    assert parity_gap_floor(cells10, 0.2).item() == pytest.approx(0.172, abs=0.01)
+    assert parity_gap_floor(cells4, 0.2).item() == pytest.approx(0.029, abs=0.004)
+    assert parity_gap_floor(cells4 * 4, 0.2) < parity_gap_floor(cells4, 0.2)  # more rows, less noise
+    assert parity_gap_floor(torch.tensor([50, 0]), 0.2).item() == 0.0  # one non-empty cell: nothing to compare
+    assert parity_gap_floor(cells4, 0.0).item() == 0.0
+    assert parity_gap_floor(cells4, 0.2) == parity_gap_floor(cells4, 0.2)  # seeded
