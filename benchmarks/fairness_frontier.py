@@ -62,7 +62,11 @@ from lightning_xai.callbacks import (  # noqa: E402
     MutualInformationRegularizer,
 )
 from lightning_xai.datasets.adult import RACE_VALUES, AdultIncome  # noqa: E402
-from lightning_xai.functional.fairness import cell_confusion_counts, fairness_report  # noqa: E402
+from lightning_xai.functional.fairness import (  # noqa: E402
+    cell_confusion_counts,
+    fairness_report,
+    intersectional_cells,
+)
 from lightning_xai.samplers import StratifiedBatchSampler, stratified_split  # noqa: E402
 
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -85,10 +89,7 @@ class Task:
 
     @property
     def cells(self) -> torch.Tensor:
-        cells = torch.zeros(len(self.targets), dtype=torch.long)
-        for a, k in enumerate(self.num_values):
-            cells = cells * k + self.groups[:, a]
-        return cells
+        return intersectional_cells(self.groups, self.num_values, self.attributes)
 
     @property
     def num_cells(self) -> int:

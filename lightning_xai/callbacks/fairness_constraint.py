@@ -20,6 +20,7 @@ from lightning_xai.functional.fairness import (
     as_probabilities,
     dependence_from_statistics,
     rate_gap,
+    running_statistics,
 )
 from lightning_xai.mixin import XAIMixin
 
@@ -264,9 +265,9 @@ class FairnessConstraint(MutualInformationRegularizer):
             return  # a second optimizer of the same step, or a step in which the term was not computed
         sums, counts = self.pending_sums, self.pending_counts
         self.pending_sums = self.pending_counts = None
-        if self.measured_sums is not None and self.measured_sums.shape == sums.shape and self.momentum > 0:
-            sums = self.momentum * self.measured_sums.to(sums) + (1 - self.momentum) * sums
-            counts = self.momentum * self.measured_counts.to(counts) + (1 - self.momentum) * counts  # type: ignore[union-attr]
+        if self.measured_sums is not None and self.measured_sums.shape == sums.shape:
+            sums = running_statistics(self.measured_sums.to(sums), sums, self.momentum)
+            counts = running_statistics(self.measured_counts.to(counts), counts, self.momentum)  # type: ignore[union-attr]
         self.measured_sums, self.measured_counts = sums, counts
         gap = float(CONSTRAINTS[self.constraint].measure(sums, counts, self.min_cell_count))
         if not math.isfinite(gap):
