@@ -34,6 +34,7 @@ from penalty_overhead import _median_step  # noqa: E402  (the same timing path a
 from lightning_xai.callbacks import (  # noqa: E402
     AdversarialConceptHead,
     ControlConceptHead,
+    FairnessConstraint,
     MutualInformationRegularizer,
 )
 
@@ -79,6 +80,8 @@ def main() -> None:
                 "mi conditional": lambda: [MutualInformationRegularizer(**mi, conditional_on_target=True)],
                 "chi2": lambda: [MutualInformationRegularizer(**mi, estimator="chi2")],
                 "hsic": lambda: [MutualInformationRegularizer(**mi, estimator="hsic")],
+                "FairnessConstraint (DP bound)": lambda: [FairnessConstraint(**mi, max_dp_difference=0.02)],
+                "FairnessConstraint (EO bound)": lambda: [FairnessConstraint(**mi, max_eo_difference=0.05)],
             },
         ),
         (
