@@ -244,11 +244,16 @@ def lightning_method(
     return run
 
 
-def vanilla(setting: float, task: Task, rows: dict[str, torch.Tensor], seed: int, args: Any, cache: dict) -> dict:
+def unregularized(task: Task, rows: dict[str, torch.Tensor], seed: int, args: Any, cache: dict) -> nn.Module:
+    """The unregularized MLP of this protocol and seed, trained once and shared by the methods that need it."""
     key = (task.name, seed)
     if key not in cache:
         cache[key] = train_mlp(task, rows, [], seed, args)
-    model = cache[key]
+    return cache[key]
+
+
+def vanilla(setting: float, task: Task, rows: dict[str, torch.Tensor], seed: int, args: Any, cache: dict) -> dict:
+    model = unregularized(task, rows, seed, args, cache)
     return {part: (scores(model, task.inputs[rows[part]]) > 0.5).astype(int) for part in ("val", "test")}
 
 
@@ -271,7 +276,7 @@ def regularizer(estimator: str, temperature: float, momentum: float, conditional
 
 def constraint(kind: str):
     def make(bound: float, task: Task) -> list[pl.Callback]:
-        return [FairnessConstraint(task.attributes, task.num_values, **{kind: bound}, **CONSTRAINT_OPTIONS)]
+        return [FairnessConstraint(task.attributes, task.num_values, **{kind: bound})]
 
     return lightning_method(make)
 
@@ -305,11 +310,8 @@ def threshold_optimizer(constraints: str):
     def run(tol: float, task: Task, rows: dict[str, torch.Tensor], seed: int, args: Any, cache: dict) -> dict:
         from fairlearn.postprocessing import ThresholdOptimizer
 
-        key = (task.name, seed)
-        if key not in cache:
-            cache[key] = train_mlp(task, rows, [], seed, args)
         optimizer = ThresholdOptimizer(
-            estimator=_Prefit(cache[key]),
+            estimator=_Prefit(unregularized(task, rows, seed, args, cache)),
             constraints=constraints,
             prefit=True,
             predict_method="predict_proba",
@@ -348,7 +350,6 @@ def exponentiated_gradient(moment: str):
 
 
 # the settings of each method span its frontier from mild to strong; a run's pick among them is made on validation
-CONSTRAINT_OPTIONS: dict[str, Any] = {}
 WEIGHTS = [2.0, 8.0, 32.0]
 METHODS: dict[str, Method] = {
     "mlp": Method("MLP, unregularized", [0.0], vanilla, family="reference"),
