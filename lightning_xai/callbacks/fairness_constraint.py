@@ -306,7 +306,6 @@ class FairnessConstraint(MutualInformationRegularizer):
             value = getattr(self, key)
             if value is not None:
                 state[key] = value.detach().cpu()
-        state["constraint_layout"] = self._statistics_layout
         return state
 
     @override
@@ -316,6 +315,6 @@ class FairnessConstraint(MutualInformationRegularizer):
         self.integral = float(state_dict.get("integral", self.multiplier))
         self.last_gap = float(state_dict.get("last_gap", float("nan")))
         self.dual_steps = int(state_dict.get("dual_steps", 0))
-        same_layout = state_dict.get("constraint_layout") == self._statistics_layout
+        same_layout = state_dict.get("statistics_layout") == self._statistics_layout
         for key in ("measured_sums", "measured_counts", "pending_sums", "pending_counts"):
             setattr(self, key, state_dict.get(key) if same_layout else None)

@@ -230,10 +230,10 @@ class MutualInformationRegularizer(LossTerm):
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
+        state["statistics_layout"] = self._statistics_layout
         if self.running_sums is not None and self.running_counts is not None:
             state["running_sums"] = self.running_sums.detach().cpu()
             state["running_counts"] = self.running_counts.detach().cpu()
-            state["statistics_layout"] = self._statistics_layout
         return state
 
     @override
