@@ -23,7 +23,15 @@ from matplotlib.lines import Line2D
 
 from lightning_xai._text import visible_text
 
-__all__ = ["highlight_tokens_html", "render_cell_rates", "render_heatmaps", "render_tokens_png", "visible_text"]
+__all__ = [
+    "generation_attribution_html",
+    "highlight_tokens_html",
+    "render_cell_rates",
+    "render_generation_heatmaps",
+    "render_heatmaps",
+    "render_tokens_png",
+    "visible_text",
+]
 
 _DPI = 100
 # render_heatmaps layout in pixels: one 160 px column per example, two square panels with bands for the labels
@@ -407,4 +415,111 @@ def render_cell_rates(
     if title:
         ax.set_title(visible_text(title), fontsize=9, parse_math=False)
     fig.tight_layout()
+    return _figure_to_rgb(fig)
+
+
+def _cell_background(score: float, max_abs: float) -> str:
+    (r, g, b), text = _token_colours(score, max_abs)
+    return f"background-color:rgb({r},{g},{b});color:{text}"
+
+
+def generation_attribution_html(
+    prompt_features: list[list[str]],
+    output_tokens: list[list[str]],
+    token_attributions: list[Sequence[Sequence[float]]],
+    captions: list[str] | None = None,
+) -> str:
+    """Token-by-token attribution tables of generations as an HTML fragment: one table per prompt, a row per
+    output token, a column per prompt feature, each cell coloured by its attribution (red: raises the output
+    token's log-probability, blue: lowers it; scaled per table) with the value on hover.
+
+    All text (prompt features, generated tokens, captions) is HTML-escaped with invisible characters made visible,
+    so a generation such as ``<script>`` is shown, never run.
+
+    Args:
+        prompt_features: per prompt, its features' labels.
+        output_tokens: per prompt, the generated (or target) tokens.
+        token_attributions: per prompt, ``(T, F)`` attributions (one row for a whole-sequence method).
+        captions: per prompt, a caption above its table.
+
+    Examples:
+        >>> out = generation_attribution_html([["a", "<b>"]], [["x"]], [[[1.0, -0.5]]], ["<i>p</i>"])
+        >>> "&lt;b&gt;" in out, "<b>" in out, "&lt;i&gt;" in out, out.count("<td")
+        (True, False, True, 2)
+    """
+    tables = []
+    for i, (features, outputs, rows) in enumerate(zip(prompt_features, output_tokens, token_attributions)):
+        values = [[float(v) for v in row] for row in rows]
+        max_abs = _max_abs([v for row in values for v in row])
+        head = "".join(f"<th>{html.escape(visible_text(f))}</th>" for f in features)
+        body = []
+        for token, row in zip(outputs, values):
+            cells = "".join(
+                f'<td title="{v:+.4g}" style="{_cell_background(v, max_abs)};padding:2px 6px">{v:+.2f}</td>'
+                for v in row
+            )
+            body.append(f"<tr><th style='text-align:right'>{html.escape(visible_text(token))}</th>{cells}</tr>")
+        caption = f"<caption>{html.escape(visible_text(captions[i]))}</caption>" if captions else ""
+        tables.append(
+            f'<table class="xai-generation" style="border-collapse:collapse;font-family:sans-serif;margin:8px 0">'
+            f"{caption}<tr><th>output \\ prompt</th>{head}</tr>{''.join(body)}</table>"
+        )
+    return "<div>" + "".join(tables) + "</div>"
+
+
+def render_generation_heatmaps(
+    prompt_features: list[list[str]],
+    output_tokens: list[list[str]],
+    token_attributions: list[Sequence[Sequence[float]]],
+    titles: list[str] | None = None,
+    max_panels: int = 6,
+) -> np.ndarray:
+    """Token-by-token heatmaps of generations: one panel per prompt, output tokens (rows) by prompt features
+    (columns), red where a feature raises an output token's log-probability and blue where it lowers it, scaled per
+    panel to its largest magnitude, with the values written in the cells.
+
+    Args:
+        prompt_features: per prompt, its features' labels (the x axis).
+        output_tokens: per prompt, its output tokens (the y axis).
+        token_attributions: per prompt, ``(T, F)`` attributions.
+        titles: per prompt, a title (prompt and generation).
+        max_panels: the most prompts drawn.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB.
+
+    Examples:
+        >>> picture = render_generation_heatmaps([["today", "alice"]], [["nurse", "."]], [[[0.1, 2.0], [0.0, 0.3]]])
+        >>> picture.dtype, picture.shape[2]
+        (dtype('uint8'), 3)
+    """
+    shown = list(range(min(len(prompt_features), max_panels)))
+    if not shown:
+        raise ValueError("render_generation_heatmaps: no prompts to draw.")
+    widths = [max(len(prompt_features[i]), 1) for i in shown]
+    heights = [max(len(output_tokens[i]), 1) for i in shown]
+    column_px, row_px = 62, 26
+    fig_w = (max(widths) * column_px + 160) / _DPI
+    panel_h = [(h * row_px + 110) / _DPI for h in heights]
+    fig = Figure(figsize=(fig_w, sum(panel_h)), dpi=_DPI)
+    grid = fig.add_gridspec(len(shown), 1, height_ratios=panel_h, hspace=0.9)
+    for slot, i in enumerate(shown):
+        values = np.asarray(token_attributions[i], dtype=np.float64).reshape(heights[slot], widths[slot])
+        values = np.nan_to_num(values)
+        scale = float(np.abs(values).max()) or 1.0
+        ax = fig.add_subplot(grid[slot])
+        ax.imshow(values, cmap=_BWR, vmin=-scale, vmax=scale, aspect="auto")
+        ax.set_xticks(
+            range(widths[slot]), [visible_text(f) for f in prompt_features[i]], rotation=35, ha="right", fontsize=8
+        )
+        ax.set_yticks(range(heights[slot]), [visible_text(t) for t in output_tokens[i]], fontsize=8)
+        ax.set_xlabel("prompt feature", fontsize=8)
+        ax.set_ylabel("output token", fontsize=8)
+        for (row, column), value in np.ndenumerate(values):
+            strong = abs(value) / scale > 0.6
+            ax.text(
+                column, row, f"{value:+.2f}", ha="center", va="center", fontsize=7, color="white" if strong else "black"
+            )
+        title = visible_text(titles[i]) if titles else f"prompt {i}"
+        ax.set_title(title if len(title) < 90 else title[:87] + "...", fontsize=9, loc="left")
     return _figure_to_rgb(fig)

@@ -294,3 +294,50 @@ def assert_ddp_matches_single(
         for name, value in single["parameters"].items():
             torch.testing.assert_close(distributed["parameters"][name], value, atol=atol, rtol=rtol, msg=name)
     return results
+
+
+def tiny_gpt2(tokenizer, seed: int = 0, **overrides):
+    """A random-weight GPT-2 for ``tokenizer`` small enough for CPU tests (no hub download), dropout off."""
+    import transformers
+
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=len(tokenizer),
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    settings.update(overrides)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**settings)).eval()
+
+
+class CausalLMBody:
+    """A LightningModule body that fine-tunes a Hugging Face causal LM (``self.model``) on ``input_ids`` batches."""
+
+    def __init__(self, model, tokenizer, lr: float = 3e-3):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.lr = lr
+
+    def _loss(self, batch):
+        return self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+    def training_step(self, batch, batch_idx):
+        return self._loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", self._loss(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)

@@ -10,6 +10,7 @@ from lightning_xai.callbacks.control_concept_head import ControlConceptHead
 from lightning_xai.callbacks.explanation_penalty import ExplanationPenalty
 from lightning_xai.callbacks.fairness_constraint import FairnessConstraint
 from lightning_xai.callbacks.fairness_metrics import FairnessMetrics
+from lightning_xai.callbacks.generation_attribution_report import GenerationAttributionReport
 from lightning_xai.callbacks.mutual_information_regularizer import MutualInformationRegularizer
 from lightning_xai.callbacks.revision_freeze import RevisionFreeze
 from lightning_xai.callbacks.rrclarc_penalty import RRClArCPenalty
@@ -23,6 +24,7 @@ __all__ = [
     "ExplanationPenalty",
     "FairnessConstraint",
     "FairnessMetrics",
+    "GenerationAttributionReport",
     "LossTerm",
     "MutualInformationRegularizer",
     "RevisionFreeze",

@@ -5,10 +5,12 @@ mask=None)`` signature (see :mod:`lightning_xai.metrics._base`); states are sums
 """
 
 from lightning_xai.metrics._base import AttributionMetric
+from lightning_xai.metrics.attribution_agreement import AttributionAgreement
 from lightning_xai.metrics.comprehensiveness import Comprehensiveness
 from lightning_xai.metrics.confidence_indication import ConfidenceIndication
 from lightning_xai.metrics.counterfactual_flip import CounterfactualFlip
 from lightning_xai.metrics.deletion_auc import DeletionAUC
+from lightning_xai.metrics.generation_faithfulness import GenerationFaithfulness
 from lightning_xai.metrics.infidelity import Infidelity
 from lightning_xai.metrics.insertion_auc import InsertionAUC
 from lightning_xai.metrics.intersectional_fairness import IntersectionalFairness
@@ -19,11 +21,13 @@ from lightning_xai.metrics.sensitivity_max import SensitivityMax
 from lightning_xai.metrics.sufficiency import Sufficiency
 
 __all__ = [
+    "AttributionAgreement",
     "AttributionMetric",
     "Comprehensiveness",
     "ConfidenceIndication",
     "CounterfactualFlip",
     "DeletionAUC",
+    "GenerationFaithfulness",
     "Infidelity",
     "InsertionAUC",
     "IntersectionalFairness",
