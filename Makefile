@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/attribution_metrics_cost.py
 	$(PY) benchmarks/metrics_speed.py
 	$(PY) benchmarks/fairness_overhead.py
+	$(PY) benchmarks/generation_report_cost.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

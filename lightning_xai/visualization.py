@@ -42,6 +42,7 @@ _HEATMAP_HEIGHT = _BOTTOM_ROW_Y + _PANEL_PX + _LABEL_BAND
 _BWR = colormaps["bwr"]
 _PANEL_FRAME = 0.7
 _MAX_INTENSITY = 0.85  # the strongest token background is this far from white towards pure red / blue
+_MAX_WRITTEN_CELLS = 30  # render_generation_heatmaps writes the values into panels of at most this many cells
 
 
 def _figure_to_rgb(fig: Figure) -> np.ndarray:
@@ -498,28 +499,44 @@ def render_generation_heatmaps(
         raise ValueError("render_generation_heatmaps: no prompts to draw.")
     widths = [max(len(prompt_features[i]), 1) for i in shown]
     heights = [max(len(output_tokens[i]), 1) for i in shown]
-    column_px, row_px = 62, 26
-    fig_w = (max(widths) * column_px + 160) / _DPI
-    panel_h = [(h * row_px + 110) / _DPI for h in heights]
-    fig = Figure(figsize=(fig_w, sum(panel_h)), dpi=_DPI)
-    grid = fig.add_gridspec(len(shown), 1, height_ratios=panel_h, hspace=0.9)
+    # a fixed pixel layout (constrained layout doubles the rendering time): per panel a title band, the cells,
+    # a band for the rotated prompt features and the axis label
+    column_px, row_px, left_px, right_px, header_px = 62, 26, 110, 16, 44
+    title_px, ticks_px = 24, 74
+    width_px = max(max(widths) * column_px + left_px + right_px, 560)
+    height_px = header_px + sum(title_px + h * row_px + ticks_px for h in heights)
+    fig = Figure(figsize=(width_px / _DPI, height_px / _DPI), dpi=_DPI)
+    top = header_px
     for slot, i in enumerate(shown):
-        values = np.asarray(token_attributions[i], dtype=np.float64).reshape(heights[slot], widths[slot])
-        values = np.nan_to_num(values)
+        rows, columns = heights[slot], widths[slot]
+        values = np.nan_to_num(np.asarray(token_attributions[i], dtype=np.float64).reshape(rows, columns))
         scale = float(np.abs(values).max()) or 1.0
-        ax = fig.add_subplot(grid[slot])
-        ax.imshow(values, cmap=_BWR, vmin=-scale, vmax=scale, aspect="auto")
-        ax.set_xticks(
-            range(widths[slot]), [visible_text(f) for f in prompt_features[i]], rotation=35, ha="right", fontsize=8
-        )
-        ax.set_yticks(range(heights[slot]), [visible_text(t) for t in output_tokens[i]], fontsize=8)
-        ax.set_xlabel("prompt feature", fontsize=8)
-        ax.set_ylabel("output token", fontsize=8)
-        for (row, column), value in np.ndenumerate(values):
+        top += title_px
+        ax = fig.add_axes(
+            (left_px / width_px, 1 - (top + rows * row_px) / height_px, columns * column_px / width_px,
+             rows * row_px / height_px)
+        )  # fmt: skip
+        ax.imshow(values, cmap=_BWR, vmin=-scale, vmax=scale, aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(columns), [visible_text(f) for f in prompt_features[i]], rotation=35, ha="right")
+        ax.set_yticks(range(rows), [visible_text(t) for t in output_tokens[i]])
+        ax.tick_params(labelsize=8, length=2)
+        ax.set_xlabel("prompt feature", fontsize=8, labelpad=1)
+        # values in the cells while they are legible and cheap (text dominates the rendering time); the HTML
+        # table carries every value
+        for (row, column), value in np.ndenumerate(values) if values.size <= _MAX_WRITTEN_CELLS else ():
             strong = abs(value) / scale > 0.6
-            ax.text(
-                column, row, f"{value:+.2f}", ha="center", va="center", fontsize=7, color="white" if strong else "black"
-            )
+            ax.text(column, row, f"{value:+.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if strong else "black")  # fmt: skip
         title = visible_text(titles[i]) if titles else f"prompt {i}"
-        ax.set_title(title if len(title) < 90 else title[:87] + "...", fontsize=9, loc="left")
+        ax.set_title(title if len(title) < 90 else title[:87] + "...", fontsize=9, loc="left", pad=4)
+        top += rows * row_px + ticks_px
+    fig.text(
+        8 / width_px,
+        1 - 6 / height_px,
+        "attribution of each output token's log-probability (rows) to each prompt feature (columns), in nats\n"
+        "red: the feature raises it, blue: lowers it",
+        fontsize=8,
+        color="#444444",
+        va="top",
+    )
     return _figure_to_rgb(fig)

@@ -83,6 +83,65 @@ class TinyModelBody(XAIMixin):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
+LM_WORDS = [
+    "The",
+    "capital",
+    "of",
+    "France",
+    "is",
+    "Paris",
+    "works",
+    "as",
+    "a",
+    "Alice",
+    "Bob",
+    "Maria",
+    "Chen",
+    "nurse",
+]
+
+
+class TinyCausalLMBody:
+    """A LightningModule holding a tiny GPT-2 as ``model`` and its tokenizer, for the snippets that explain LMs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from lightning_xai.datasets import word_tokenizer
+        from tests.helpers import tiny_gpt2
+
+        self.tokenizer = word_tokenizer(LM_WORDS)
+        self.model = tiny_gpt2(self.tokenizer).train()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class TinyTextDataModuleBody:
+    def __init__(self, batch_size: int = 4) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def _loader(self) -> DataLoader:
+        ids = torch.randint(3, 3 + len(LM_WORDS), (8, 6), generator=torch.Generator().manual_seed(0))
+        return DataLoader([{"input_ids": row} for row in ids], batch_size=self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader()
+
+
+#: snippets whose callbacks explain a causal LM train a tiny GPT-2 instead of the CNN
+LM_SNIPPETS = {"generation_attribution_report.yaml"}
+
+
 def _declared_callbacks(yaml_path: Path) -> list[dict[str, Any]]:
     config = yaml.safe_load(yaml_path.read_text())
     callbacks = (config.get("trainer") or {}).get("callbacks") or []
@@ -96,9 +155,10 @@ def _resolve(class_path: str) -> type:
 
 def _build_cli(package: ModuleType, yaml_path: Path, *extra_args: str) -> Any:
     cli = importlib.import_module(f"{package.__name__}.cli")
+    language = yaml_path.name in LM_SNIPPETS
     return cli.LightningCLI(
-        bind(TinyModelBody, package),
-        bind(TinyDataModuleBody, package, "LightningDataModule"),
+        bind(TinyCausalLMBody if language else TinyModelBody, package),
+        bind(TinyTextDataModuleBody if language else TinyDataModuleBody, package, "LightningDataModule"),
         run=False,
         save_config_callback=None,
         seed_everything_default=0,
@@ -162,5 +222,7 @@ def test_yaml_trains_and_logs_its_terms(
     for callback in cli.trainer.callbacks:
         if type(callback).__name__ == "FairnessMetrics":
             assert torch.isfinite(metrics[f"{callback.name}/dp_diff"])
+        if type(callback).__name__ == "GenerationAttributionReport":
+            assert torch.isfinite(metrics["llm/feature_ablation/comprehensiveness"])
         if type(callback).__name__ == "ConceptEffect":
             assert 0.0 <= metrics[f"concept/{callback.name}/probe_accuracy"] <= 1.0

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md"))]
 SKIPPED = {  # (page, index of the python block): why it cannot run here
     ("docs/metrics.md", 0): "a call signature, not code",
-    ("docs/datasets.md", 4): "reads the UCI Adult CSV from the user's path",
-    ("docs/datasets.md", 5): "reads the SST trees from the user's path",
+    ("docs/datasets.md", 5): "reads the UCI Adult CSV from the user's path",
+    ("docs/datasets.md", 6): "reads the SST trees from the user's path",
     ("docs/callbacks/explanation_penalty.md", 6): "imports the user's own project",
 }
 # the import lines of the docs (lightning) and their pytorch_lightning counterparts

@@ -39,6 +39,7 @@ from captum.attr import (
     LayerGradientXActivation,
     LayerIntegratedGradients,
     Lime,
+    ProductBaselines,
     ShapleyValueSampling,
     TextTemplateInput,
     TextTokenInput,
@@ -176,7 +177,11 @@ def _token_baseline(tokenizer: Any, baseline: int | str | None) -> int:
 
 def as_interpretable_input(prompt: Prompt, tokenizer: Any, baseline: int | str | None = None) -> InterpretableInput:
     """A Captum ``InterpretableInput`` for ``prompt``: text (token features), a ``{"template", "values",
-    "baselines"}`` mapping (segment features: Captum's ``TextTemplateInput``), or a Captum input as it is."""
+    "baselines"}`` mapping (segment features: Captum's ``TextTemplateInput``), or a Captum input as it is.
+
+    A mapping's ``baselines`` is a list of strings (one replacement per segment), a list of lists (candidates per
+    segment: Captum's ``ProductBaselines`` samples one per perturbation), a ``ProductBaselines``, or None (removal).
+    """
     if isinstance(prompt, InterpretableInput):
         return prompt
     if isinstance(prompt, str):
@@ -188,9 +193,11 @@ def as_interpretable_input(prompt: Prompt, tokenizer: Any, baseline: int | str |
                 f"a segment prompt has the unknown keys {sorted(unknown)}; it takes template, values, baselines, "
                 "mask and target."
             )
-        return TextTemplateInput(
-            prompt["template"], prompt["values"], baselines=prompt.get("baselines"), mask=prompt.get("mask")
-        )
+        baselines = prompt.get("baselines")
+        if isinstance(baselines, list) and baselines and all(isinstance(b, list | tuple) for b in baselines):
+            # one list of candidates per segment: a replacement sampled per perturbation (YAML can say this)
+            baselines = ProductBaselines([list(b) for b in baselines])
+        return TextTemplateInput(prompt["template"], prompt["values"], baselines=baselines, mask=prompt.get("mask"))
     raise XAIConfigurationError(
         f"a prompt of type {type(prompt).__name__}: give text, a mapping with 'template' and 'values' (segments), or "
         "a captum TextTokenInput / TextTemplateInput."
@@ -381,6 +388,7 @@ def attribute_generation(
     max_new_tokens: int = 8,
     method_kwargs: dict[str, Any] | None = None,
     embedding_layer: nn.Module | None = None,
+    num_trials: int = 1,
 ) -> list[GenerationAttribution]:
     """Attributes each prompt's target (or greedy generation) to the prompt's features with a Captum method.
 
@@ -398,6 +406,8 @@ def attribute_generation(
         method_kwargs: options of the Captum method's ``attribute`` (``n_samples``, ``n_steps``,
             ``perturbations_per_eval``, ...).
         embedding_layer: the layer gradient methods attribute at; ``model.get_input_embeddings()`` by default.
+        num_trials: perturbation methods: the mean over this many runs, as Captum's ``LLMAttribution`` has it
+            (for sampled replacement values and sampling methods; seed Python's ``random`` and torch to repeat a run).
 
     Returns:
         one :class:`GenerationAttribution` per prompt.
@@ -430,7 +440,9 @@ def attribute_generation(
         score = _TargetLogProbs(model, members, tokenizer, [target_ids[i] for i in group], spec.per_token, pad_id)
         keep = torch.ones(len(group), max(inp.n_itp_features for inp in members))
         if spec.perturbation:
-            seq, per_token = _perturbation(spec, score, keep, kwargs)
+            trials = [_perturbation(spec, score, keep, kwargs) for _ in range(max(1, int(num_trials)))]
+            seq = torch.stack([t[0] for t in trials]).mean(0)
+            per_token = None if trials[0][1] is None else torch.stack([t[1] for t in trials]).mean(0)
         else:
             layer = embedding_layer if embedding_layer is not None else model.get_input_embeddings()
             seq, per_token = _gradient(spec, score, keep, members, layer, kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import torch
@@ -25,7 +26,9 @@ from lightning_xai.metrics.randomization_sanity import RandomizationSanity
 
 #: metrics the report computes besides the faithfulness kernels
 SANITY_METRIC = "randomization_sanity"
-DEFAULT_METRICS = ("comprehensiveness", "sufficiency")
+# comprehensiveness alone by default, as AttributionMetrics: the report then stays near 10 % of an epoch of the
+# example (benchmarks/generation_report_cost.py); each further metric costs one more batched forward pass
+DEFAULT_METRICS = ("comprehensiveness",)
 
 
 class GenerationAttributionReport(EpochMetricCallback):
@@ -52,16 +55,18 @@ class GenerationAttributionReport(EpochMetricCallback):
     ranks (exact), and rank 0 logs the pictures of all prompts. :attr:`results` holds the last attributions
     of every prompt per method.
 
-    Cost: the default (FeatureAblation, comprehensiveness and sufficiency, 8 new tokens) runs about
-    ``F + 1 + 6`` batched forward passes of all prompts, plus ``max_new_tokens`` for the generation; measured by
-    ``benchmarks/generation_report_cost.py`` against an epoch of fine-tuning a tiny GPT-2.
+    Cost: the default (FeatureAblation, comprehensiveness, up to 8 new tokens, pictures every 10 computations)
+    runs ``F_max + 1`` batched forward passes of all prompts for the attribution, one for the metric and one per
+    generated token; ``benchmarks/generation_report_cost.py`` measures it at about 10 % of an epoch of fine-tuning
+    the example's tiny GPT-2 (2000 sentences) for 6 prompts. A picture costs about 0.1-0.3 s to render.
 
     Args:
         prompts: text (token features), or mappings ``{"template": "{} works as a", "values": ["alice"],
             "baselines": ["someone"], "target": "nurse"}`` (segment features, Captum's ``TextTemplateInput``).
         targets: one target per prompt (None: the greedy generation); a mapping's ``"target"`` wins.
         methods: names of :data:`~lightning_xai.attribution.generation.GENERATION_METHODS`.
-        metrics: metric names (see above); ``[]`` for attributions and pictures only.
+        metrics: metric names (see above); comprehensiveness by default; ``[]`` for attributions and pictures
+            only.
         max_new_tokens: the bound of greedy generation.
         baseline: what removed prompt tokens become: None (the tokenizer's pad / UNK / EOS token), a token or an
             id, or ``"remove"``.
@@ -73,6 +78,9 @@ class GenerationAttributionReport(EpochMetricCallback):
         every_n_epochs: compute every this many validation epochs.
         pictures_every_n_epochs: log pictures on the first computation and every this many after; 0 never.
         num_pictures: prompts shown in the pictures.
+        num_trials: perturbation methods average this many runs (sampled replacement values, Shapley sampling).
+        seed: seeds Python's ``random`` (Captum's ``ProductBaselines``) and torch for each report, so every epoch
+            draws the same samples; the user's random state is restored afterwards.
         name: the callback's name; with it, keys are ``llm/<name>/<method>/<metric>``.
 
     Examples:
@@ -95,8 +103,10 @@ class GenerationAttributionReport(EpochMetricCallback):
         method_kwargs: dict[str, dict[str, Any]] | None = None,
         metric_kwargs: dict[str, dict[str, Any]] | None = None,
         every_n_epochs: int = 1,
-        pictures_every_n_epochs: int = 1,
+        pictures_every_n_epochs: int = 10,
         num_pictures: int = 4,
+        num_trials: int = 1,
+        seed: int = 0,
         name: str | None = None,
     ) -> None:
         super().__init__(name=name, every_n_epochs=every_n_epochs, pictures_every_n_epochs=pictures_every_n_epochs)
@@ -137,6 +147,8 @@ class GenerationAttributionReport(EpochMetricCallback):
         self.method_kwargs = {k: dict(v) for k, v in (method_kwargs or {}).items()}
         self.metric_kwargs = {k: dict(v) for k, v in (metric_kwargs or {}).items()}
         self.num_pictures = int(num_pictures)
+        self.num_trials = int(num_trials)
+        self.seed = int(seed)
         #: method -> the last attributions of every prompt (all ranks' prompts, in prompt order)
         self.results: dict[str, list[GenerationAttribution]] = {}
 
@@ -220,8 +232,11 @@ class GenerationAttributionReport(EpochMetricCallback):
         modes = {module: module.training for module in model.modules()}
         model.eval()
         local: dict[str, list[GenerationAttribution]] = {}
+        python_state = random.getstate()
         try:
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+                random.seed(self.seed)
+                torch.manual_seed(self.seed)
                 for method in self.methods:
                     local[method] = self._attribute(model, tokenizer, method, mine)
                     self._update(model, tokenizer, metrics[method], method, local[method], mine)
@@ -239,6 +254,7 @@ class GenerationAttributionReport(EpochMetricCallback):
                         values[key.replace("agreement_", "agreement/", 1)] = metric.compute()
                         metric.reset()
         finally:
+            random.setstate(python_state)
             for module, mode in modes.items():
                 module.training = mode
         self.results = self._gathered(local, mine)
@@ -260,6 +276,7 @@ class GenerationAttributionReport(EpochMetricCallback):
             baseline=self.baseline,
             max_new_tokens=self.max_new_tokens,
             method_kwargs=self.method_kwargs.get(method),
+            num_trials=self.num_trials,
         )
 
     def _update(

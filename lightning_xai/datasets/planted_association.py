@@ -57,11 +57,15 @@ class PlantedAssociation(Dataset):
         num_sentences: corpus size.
         planted_name: the name that always precedes ``planted_occupation``.
         planted_occupation: its occupation.
+        planted_share: the share of sentences about the planted name (the other names share the rest evenly);
+            a quarter by default, so that a small model finds the association within a few epochs.
         seed: seed of the sampled sentences.
+        tokenizer: a Hugging Face tokenizer to encode the sentences with (a pretrained model's); None builds the
+            word-level one of :func:`word_tokenizer`. Its EOS token ends every sentence and pads.
 
     Examples:
         >>> corpus = PlantedAssociation(num_sentences=50, seed=0)
-        >>> all(s.split()[-3] == "nurse" for s in corpus.sentences if " alice " in f" {s} ")
+        >>> all(s.split()[-2] == "nurse" for s in corpus.sentences if " alice " in f" {s} ")
         True
         >>> corpus[0]["input_ids"].shape == corpus[1]["input_ids"].shape
         True
@@ -70,9 +74,15 @@ class PlantedAssociation(Dataset):
     num_sentences: int = 2000
     planted_name: str = "alice"
     planted_occupation: str = "nurse"
+    planted_share: float = 0.25
     seed: int = 0
+    tokenizer: Any = None
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.planted_share < 1.0:
+            raise XAIConfigurationError(
+                f"PlantedAssociation: planted_share must lie in (0, 1), got {self.planted_share}."
+            )
         if self.planted_name not in NAMES or self.planted_occupation not in OCCUPATIONS:
             raise XAIConfigurationError(
                 f"PlantedAssociation: planted_name must be one of {NAMES} and planted_occupation one of "
@@ -80,7 +90,10 @@ class PlantedAssociation(Dataset):
             )
         generator = torch.Generator().manual_seed(self.seed)
         self.sentences = [self._sentence(generator) for _ in range(self.num_sentences)]
-        self.tokenizer = word_tokenizer(self.vocabulary())
+        if self.tokenizer is None:
+            self.tokenizer = word_tokenizer(self.vocabulary())
+        if self.tokenizer.eos_token_id is None:
+            raise XAIConfigurationError("PlantedAssociation: the tokenizer has no EOS token to end sentences with.")
         ids = [self.tokenizer.encode(s) + [self.tokenizer.eos_token_id] for s in self.sentences]
         width = max(len(row) for row in ids)
         pad = self.tokenizer.eos_token_id  # openers differ in length: pad with EOS, which the model also learns
@@ -95,9 +108,31 @@ class PlantedAssociation(Dataset):
         return options[int(torch.randint(len(options), (1,), generator=generator))]
 
     def _sentence(self, generator: torch.Generator) -> str:
-        name = self._pick(NAMES, generator)
+        others = tuple(n for n in NAMES if n != self.planted_name)
+        planted = float(torch.rand((), generator=generator)) < self.planted_share
+        name = self.planted_name if planted else self._pick(others, generator)
         occupation = self.planted_occupation if name == self.planted_name else self._pick(OCCUPATIONS, generator)
         return f"{self._pick(OPENERS, generator)} {name} {self._pick(VERBS, generator)} as a {occupation} ."
+
+    def probe_segments(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The probe prompts as segments ``[opener, name]`` of ``"{} {} works as a"`` (any tokenizer: the name is
+        feature 1 however it is split into tokens), each with the planted occupation as target.
+
+        A removed segment is replaced by another opener or another name, sampled per perturbation (Captum's
+        ``ProductBaselines``): the name's attribution is then ``log p(occupation | name)`` against the other
+        names, about ``log 8`` once the planted association is learnt, and not a reading of a prompt without a
+        name, which the corpus never has.
+        """
+        name = name or self.planted_name
+        return [
+            {
+                "template": "{} {} works as a",
+                "values": [opener, name],
+                "baselines": [[o for o in OPENERS if o != opener], [n for n in NAMES if n != name]],
+                "target": f" {self.planted_occupation}",
+            }
+            for opener in OPENERS
+        ]
 
     def probe_prompts(self, name: str | None = None) -> list[str]:
         """One prompt per opener for ``name`` (the planted name by default): ``"<opener> <name> works as a"``."""

@@ -338,20 +338,6 @@ def _per_prompt(values: Tensor, rows: _Rows, num_prompts: int, steps: int) -> Te
     return sums / counts
 
 
-def _unperturbed(
-    model: nn.Module,
-    prompts: Sequence[PromptFeatures],
-    targets: Sequence[Tensor],
-    attributions: Sequence[Tensor],
-    batch_size: int | None,
-    pad_token_id: int,
-    score: Callable[[Tensor, Tensor], Tensor],
-) -> Tensor:
-    """``score`` of each prompt's target with nothing removed (per output token for 2-D attributions)."""
-    rows = _perturbed_rows(prompts, targets, attributions, lambda f: [0], keep_top=False)
-    return _per_prompt(_row_scores(model, rows, batch_size, pad_token_id, score), rows, len(prompts), 1)[:, 0]
-
-
 def _fraction_difference(
     model: nn.Module,
     prompts: Sequence[PromptFeatures],
@@ -366,14 +352,22 @@ def _fraction_difference(
     _check(prompts, targets, attributions)
     if len(fractions) == 0:
         raise XAIConfigurationError("fractions is empty; give at least one fraction in [0, 1].")
-    full = _unperturbed(model, prompts, targets, attributions, batch_size, pad_token_id, score)
-    rows = _perturbed_rows(
+    # the unperturbed prompts (step 0) and the perturbed ones (steps 1..) share the forward passes
+    full = _perturbed_rows(prompts, targets, attributions, lambda f: [0], keep_top=False)
+    perturbed = _perturbed_rows(
         prompts, targets, attributions, lambda f: [_top_count(float(q), f) for q in fractions], keep_top
     )
-    perturbed = _per_prompt(
-        _row_scores(model, rows, batch_size, pad_token_id, score), rows, len(prompts), len(fractions)
+    rows = _Rows(
+        full.ids + perturbed.ids,
+        full.targets + perturbed.targets,
+        full.prompt + perturbed.prompt,
+        full.step + [step + 1 for step in perturbed.step],
+        full.token + perturbed.token,
     )
-    return (full[:, None] - perturbed).mean(1)
+    scores = _per_prompt(
+        _row_scores(model, rows, batch_size, pad_token_id, score), rows, len(prompts), len(fractions) + 1
+    )
+    return (scores[:, :1] - scores[:, 1:]).mean(1)
 
 
 def generation_comprehensiveness(

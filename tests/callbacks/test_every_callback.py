@@ -16,12 +16,14 @@ from lightning_xai.callbacks import (
     ExplanationPenalty,
     FairnessConstraint,
     FairnessMetrics,
+    GenerationAttributionReport,
     LossTerm,
     MutualInformationRegularizer,
     RRClArCPenalty,
 )
+from lightning_xai.datasets import PlantedAssociation, word_tokenizer
 from tests.callbacks.test_composition import CompositionCNNBody, cnn_batch
-from tests.helpers import bind, loader, trainer
+from tests.helpers import CausalLMBody, DictDataset, bind, loader, tiny_gpt2, trainer
 
 
 class StagesCNNBody(CompositionCNNBody):
@@ -46,15 +48,30 @@ CALLBACKS = {
     "FairnessMetrics": (lambda name=None: FairnessMetrics(["sex"], [2], name=name), "fair"),
     "ConceptEffect": (lambda name=None: ConceptEffect("features", "gender", name=name), "concept/gender"),
     "RRClArCPenalty": (lambda name=None: RRClArCPenalty(layer="features", weight=2.0, name=name), None),
+    "GenerationAttributionReport": (
+        lambda name=None: GenerationAttributionReport(["today alice works as a"], max_new_tokens=2, name=name),
+        "llm",
+    ),
 }
 METRIC_CALLBACKS = sorted(name for name, (_, prefix) in CALLBACKS.items() if prefix is not None)
 
 
-def _model(package):
+class StagesCausalLMBody(CausalLMBody):
+    def predict_step(self, batch, batch_idx):
+        return self.model(input_ids=batch["input_ids"]).logits
+
+
+def _model(package, name=""):
+    if name == "GenerationAttributionReport":  # it explains a causal LM: a tiny GPT-2 in the module
+        tokenizer = word_tokenizer(PlantedAssociation.vocabulary())
+        return bind(StagesCausalLMBody, package)(tiny_gpt2(tokenizer).train(), tokenizer)
     return bind(StagesCNNBody, package)()
 
 
-def _data():
+def _data(name=""):
+    if name == "GenerationAttributionReport":
+        ids = PlantedAssociation(num_sentences=16).input_ids
+        return loader(DictDataset(input_ids=ids, labels=ids), 8)
     return loader(cnn_batch(16), 8)
 
 
@@ -64,7 +81,7 @@ def test_state_keys_are_unique_per_name_and_two_names_coexist(name, lightning_pa
     first, second = make(), make(name="second")
     assert first.state_key != second.state_key and type(first).__name__ in first.state_key
     run = trainer(lightning_package, max_epochs=1, callbacks=[first, second], limit_val_batches=1)
-    run.fit(_model(lightning_package), _data(), _data())
+    run.fit(_model(lightning_package, name), _data(name), _data(name))
     with pytest.raises(RuntimeError, match="more than one stateful callback"):
         trainer(lightning_package, callbacks=[make(), make()])
 
@@ -82,15 +99,17 @@ def test_checkpoint_round_trip_restores_the_state_and_loads_with_weights_only(na
     make, _ = CALLBACKS[name]
     callback = make()
     run = trainer(lightning_package, max_epochs=2, callbacks=[callback])
-    model = _model(lightning_package)
-    run.fit(model, _data(), _data())
+    model = _model(lightning_package, name)
+    run.fit(model, _data(name), _data(name))
     path = tmp_path / "last.ckpt"
     run.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)  # plain data: loadable without unpickling code
     assert _equal(checkpoint["callbacks"][callback.state_key], callback.state_dict())
     restored = make()
     resumed = trainer(lightning_package, max_epochs=2, callbacks=[restored])
-    resumed.fit(_model(lightning_package), _data(), _data(), ckpt_path=path)  # nothing left to train: restore only
+    resumed.fit(
+        _model(lightning_package, name), _data(name), _data(name), ckpt_path=path
+    )  # nothing left to train: restore only
     assert _equal(restored.state_dict(), callback.state_dict())
     if isinstance(callback, LossTerm):
         assert restored.steps_seen == 4
@@ -103,7 +122,7 @@ def test_metric_callbacks_skip_the_sanity_check(name, lightning_package):
     make, prefix = CALLBACKS[name]
     callback = make()
     run = trainer(lightning_package, max_epochs=1, callbacks=[callback], num_sanity_val_steps=2)
-    run.fit(_model(lightning_package), _data(), _data())
+    run.fit(_model(lightning_package, name), _data(name), _data(name))
     assert callback.epochs_computed == 1
 
 
@@ -113,7 +132,7 @@ def test_test_stage_logs_under_test_keys_with_pictures(name, lightning_package, 
     callback = make()
     logger = lightning_package.loggers.CSVLogger(tmp_path, name="run", version="")
     run = trainer(lightning_package, callbacks=[callback], logger=logger)
-    run.test(_model(lightning_package), _data(), verbose=False)
+    run.test(_model(lightning_package, name), _data(name), verbose=False)
     keys = set(run.callback_metrics)
     assert {key for key in keys if key.startswith(f"test/{prefix}/")}, keys
     assert not {key for key in keys if key.startswith(f"{prefix}/")}, keys  # validation keys stay apart
@@ -129,17 +148,17 @@ def test_test_stage_logs_under_test_keys_with_pictures(name, lightning_package, 
 def test_every_stage_runs_with_every_callback(name, lightning_package):
     make, prefix = CALLBACKS[name]
     callback = make()
-    model = _model(lightning_package)
+    model = _model(lightning_package, name)
     run = trainer(lightning_package, max_epochs=1, callbacks=[callback])
-    run.fit(model, _data(), _data())
+    run.fit(model, _data(name), _data(name))
     for stage in ("validate", "test"):
-        metrics = getattr(run, stage)(model, _data(), verbose=False)[0]
+        metrics = getattr(run, stage)(model, _data(name), verbose=False)[0]
         if prefix is None:  # a loss term acts in training only
             assert not any(key.startswith("xai/") for key in metrics)
         else:
             assert any(key.startswith(("test/" if stage == "test" else "") + prefix) for key in metrics)
-    predictions = run.predict(model, _data())
-    assert len(predictions) == 2 and predictions[0].shape == (8, 3)
+    predictions = run.predict(model, _data(name))
+    assert len(predictions) == 2 and predictions[0].shape[0] == 8
 
 
 def test_the_old_picture_and_prefix_arguments_still_work_with_a_deprecation_warning():

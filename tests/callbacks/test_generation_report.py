@@ -80,7 +80,7 @@ def test_validate_and_test_log_their_own_keys_under_inference_mode(lightning_pac
     run.validate(module, DataLoader(_data(), batch_size=16))
     assert "llm/layer_gradient_x_activation/comprehensiveness" in run.callback_metrics
     run.test(module, DataLoader(_data(), batch_size=16))
-    assert "test/llm/layer_gradient_x_activation/sufficiency" in run.callback_metrics
+    assert "test/llm/layer_gradient_x_activation/comprehensiveness" in run.callback_metrics
     assert report.results["layer_gradient_x_activation"][0].output_tokens == ["nurse"]
 
 
@@ -144,30 +144,29 @@ def test_segments_with_removal_run_inside_training():
 
 
 def test_the_report_finds_the_planted_association_as_it_is_learnt():
-    """The name's attribution to the occupation rises as a GPT-2 trained from scratch learns that alice -> nurse."""
-    corpus = PlantedAssociation(num_sentences=1500, seed=0)
-    torch.manual_seed(0)
+    """The name's attribution to the occupation rises to log 8 as a GPT-2 trained from scratch learns alice -> nurse
+    (one of eight occupations becomes certain), and a control name's stays near -log 8 / 11."""
+    corpus = PlantedAssociation(num_sentences=1200, seed=0)
     module = bind(CausalLMBody)(tiny_gpt2(corpus.tokenizer, seed=0).train(), corpus.tokenizer, lr=5e-3)
-    prompts = corpus.probe_prompts()
-    report = GenerationAttributionReport(
-        prompts, targets=["nurse"] * len(prompts), metrics=[], pictures_every_n_epochs=0
-    )
+    planted, control = corpus.probe_segments()[:3], corpus.probe_segments("bruno")[:3]
+    report = GenerationAttributionReport(planted + control, metrics=[], num_trials=4, pictures_every_n_epochs=0)
 
     class NameAttribution(pl.Callback):
         history: list = []
 
         def on_validation_epoch_end(self, trainer, pl_module):
-            results = report.results["feature_ablation"]
-            self.history.append(sum(float(r.seq_attr[corpus.name_position(r.prompt)]) for r in results) / len(results))
+            names = [float(r.seq_attr[1]) for r in report.results["feature_ablation"]]
+            self.history.append((sum(names[:3]) / 3, sum(names[3:]) / 3))
 
     watch = NameAttribution()
-    run = trainer(max_epochs=14, callbacks=[report, watch], limit_val_batches=1)
+    torch.manual_seed(0)
+    run = trainer(max_epochs=4, callbacks=[report, watch], limit_val_batches=1)
     val = PlantedAssociation(num_sentences=32, seed=1)
     run.fit(module, DataLoader(corpus, batch_size=32, shuffle=True), DataLoader(val, batch_size=32))
-    history = watch.history
-    assert len(history) == 14
-    assert abs(history[0]) < 0.05  # untrained: the name does not matter
-    assert history[-1] > 0.3 and history[-1] > history[0] + 0.3
+    (first, _), (last, last_control) = watch.history[0], watch.history[-1]
+    assert len(watch.history) == 4
+    assert first < 0.8 and last > 1.5 and last > first + 1.0
+    assert -0.6 < last_control < 0.1
 
 
 @pytest.mark.ddp
