@@ -64,6 +64,7 @@ __all__ = [
     "baseline_token_id",
     "generate_greedy",
     "prompt_features",
+    "resolve_targets",
 ]
 
 #: the id a removed token gets under ``baseline="remove"``; dropped from the sequence before the forward pass
@@ -221,12 +222,21 @@ def prompt_features(inp: InterpretableInput, tokenizer: Any) -> PromptFeatures:
         baseline = None if inp.baselines == REMOVED else int(inp.baselines)
         return PromptFeatures(ids, feature_ids=feature_ids, baseline_id=baseline, num_features=inp.n_itp_features)
 
-    def perturb(keep: Tensor) -> Tensor:
-        model_input = inp.to_model_input(keep.reshape(1, -1).long())
-        return _encode(tokenizer, model_input) if isinstance(model_input, str) else model_input.reshape(-1)
-
+    perturb = _TemplatePerturbation(inp, tokenizer)
     full = perturb(torch.ones(inp.n_itp_features, dtype=torch.bool))
     return PromptFeatures(full, perturb=perturb, num_features=inp.n_itp_features)
+
+
+class _TemplatePerturbation:
+    """The token ids of a segment prompt with some segments replaced: a class, not a closure, so that results
+    pickle (``all_gather_object`` under DDP)."""
+
+    def __init__(self, inp: InterpretableInput, tokenizer: Any) -> None:
+        self.inp, self.tokenizer = inp, tokenizer
+
+    def __call__(self, keep: Tensor) -> Tensor:
+        model_input = self.inp.to_model_input(keep.reshape(1, -1).long())
+        return _encode(self.tokenizer, model_input) if isinstance(model_input, str) else model_input.reshape(-1)
 
 
 def _feature_labels(inp: InterpretableInput, tokenizer: Any) -> list[str]:
@@ -426,9 +436,7 @@ def attribute_generation(
             f"{len(prompts)} prompts but {len(targets)} targets; give one per prompt (None generates)."
         )
     inputs = [as_interpretable_input(prompt, tokenizer, baseline) for prompt in prompts]
-    wanted = list(targets) if targets is not None else [None] * len(prompts)
-    wanted = [p.get("target", t) if isinstance(p, Mapping) else t for p, t in zip(prompts, wanted)]
-    target_ids = _targets(model, tokenizer, inputs, wanted, max_new_tokens)
+    target_ids = resolve_targets(model, tokenizer, prompts, targets, max_new_tokens, baseline)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     if not spec.perturbation:
         _check_gradient_inputs(inputs, method)
@@ -466,13 +474,23 @@ def _prompt_text(inp: InterpretableInput, tokenizer: Any) -> str:
     return model_input if isinstance(model_input, str) else tokenizer.decode(model_input.reshape(-1).tolist())
 
 
-def _targets(
+def resolve_targets(
     model: nn.Module,
     tokenizer: Any,
-    inputs: Sequence[InterpretableInput],
-    wanted: Sequence[str | Tensor | None],
-    max_new_tokens: int,
+    prompts: Sequence[Prompt],
+    targets: Sequence[str | Tensor | None] | None = None,
+    max_new_tokens: int = 8,
+    baseline: int | str | None = None,
 ) -> list[Tensor]:
+    """The target token ids of every prompt: a given target encoded (a mapping's ``"target"`` first), or the
+    greedy generation of the prompts without one (all generated in one batch).
+
+    Raises:
+        XAIConfigurationError: a given target has no tokens.
+    """
+    inputs = [as_interpretable_input(prompt, tokenizer, baseline) for prompt in prompts]
+    wanted = list(targets) if targets is not None else [None] * len(prompts)
+    wanted = [p.get("target", t) if isinstance(p, Mapping) else t for p, t in zip(prompts, wanted)]
     device = next(model.parameters()).device
     ids: list[Tensor | None] = []
     for i, target in enumerate(wanted):

@@ -17,6 +17,7 @@ from lightning_xai.attribution.generation import (
     GenerationAttribution,
     as_interpretable_input,
     attribute_generation,
+    resolve_targets,
 )
 from lightning_xai.callbacks._base import EpochMetricCallback, Stage
 from lightning_xai.errors import XAIConfigurationError
@@ -237,8 +238,10 @@ class GenerationAttributionReport(EpochMetricCallback):
             with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
                 random.seed(self.seed)
                 torch.manual_seed(self.seed)
+                # generated once: every method explains the same output
+                targets = self._targets(model, tokenizer, mine)
                 for method in self.methods:
-                    local[method] = self._attribute(model, tokenizer, method, mine)
+                    local[method] = self._attribute(model, tokenizer, method, mine, targets)
                     self._update(model, tokenizer, metrics[method], method, local[method], mine)
                 for first, second in self._pairs():
                     metrics[f"agreement_{first}_vs_{second}"].update(
@@ -262,16 +265,23 @@ class GenerationAttributionReport(EpochMetricCallback):
         if self.pictures_due(trainer, stage):
             self.log_pictures(trainer, self._log_pictures, stage)
 
+    def _targets(self, model: nn.Module, tokenizer: Any, indices: list[int]) -> list[Any]:
+        if not indices:
+            return []
+        prompts = [self.prompts[i] for i in indices]
+        given = [self.targets[i] for i in indices]
+        return resolve_targets(model, tokenizer, prompts, given, self.max_new_tokens, self.baseline)
+
     def _attribute(
-        self, model: nn.Module, tokenizer: Any, method: str, indices: list[int]
+        self, model: nn.Module, tokenizer: Any, method: str, indices: list[int], targets: list[Any]
     ) -> list[GenerationAttribution]:
         if not indices:
             return []
         return attribute_generation(
             model,
             tokenizer,
-            [self.prompts[i] for i in indices],
-            [self.targets[i] for i in indices],
+            [self._without_target(self.prompts[i]) for i in indices],
+            targets,
             method=method,
             baseline=self.baseline,
             max_new_tokens=self.max_new_tokens,
@@ -330,7 +340,7 @@ class GenerationAttributionReport(EpochMetricCallback):
                 again = attribute_generation(
                     copy,
                     tokenizer,
-                    [self.prompts[index]],
+                    [self._without_target(self.prompts[index])],
                     [target_ids],
                     method=method,
                     baseline=self.baseline,
@@ -380,6 +390,11 @@ class GenerationAttributionReport(EpochMetricCallback):
             loggers.log_table(
                 trainer, self.key(f"{method}/top_features", stage), ["prompt", "generation", "top features"], rows, step
             )
+
+    @staticmethod
+    def _without_target(prompt: str | dict[str, Any]) -> str | dict[str, Any]:
+        # the resolved target ids replace a mapping's own "target" (already encoded)
+        return {k: v for k, v in prompt.items() if k != "target"} if isinstance(prompt, dict) else prompt
 
 
 def _spaced(tokens: list[str]) -> list[str]:

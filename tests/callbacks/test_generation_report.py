@@ -190,3 +190,21 @@ def test_ddp_splits_prompts_and_equals_one_process():
         parameters=False,
     )
     assert len(results[2]["values"]) == 7
+
+
+@pytest.mark.ddp
+def test_ddp_gathers_segment_prompts_and_equals_one_process():
+    segments = [
+        {"template": "{} {} works as a", "values": ["today", name], "baselines": ["in town", "liam"], "target": "nurse"}
+        for name in ("alice", "bruno", "greta")
+    ]
+    results = assert_ddp_matches_single(
+        _module,
+        lambda: [GenerationAttributionReport(segments, metrics=["comprehensiveness", "deletion_auc"])],
+        _data(16),
+        batch_size=16,
+        stage="validate",
+        prefixes=("llm/",),
+        parameters=False,
+    )
+    assert len(results[2]["values"]) == 2

@@ -24,3 +24,18 @@ def test_gpt2_example_shows_the_name_attribution_rise_and_writes_its_outputs(tmp
     assert (out / "name_attribution.png").stat().st_size > 0 and (out / "heatmaps_seed0.png").stat().st_size > 0
     rows = json.loads((out / "results.json").read_text())["seeds"][0]["epochs"]
     assert len(rows) == 3 and "llm/tokens/feature_ablation/comprehensiveness" in rows[-1]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_gpt2_example_fine_tunes_a_local_pretrained_model(tmp_path):
+    from lightning_xai.datasets import PlantedAssociation, word_tokenizer
+    from tests.helpers import tiny_gpt2
+
+    tokenizer = word_tokenizer(PlantedAssociation.vocabulary())
+    tiny_gpt2(tokenizer, seed=1).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    summary = gpt2_attribution.main(
+        ["--model-path", str(tmp_path / "model"), "--epochs", "1", "--seeds", "0", "--sentences", "200",
+         "--trials", "2", "--output-dir", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert len(summary["seeds"][0]["epochs"]) == 1 and (tmp_path / "out" / "heatmaps_seed0.png").exists()
