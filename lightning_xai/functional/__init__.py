@@ -67,6 +67,7 @@ from lightning_xai.functional.plausibility import (
 )
 from lightning_xai.functional.robustness import gaussian_perturbation, infidelity, sensitivity_max
 from lightning_xai.functional.sanity import randomize_top_layers, rank_correlation
+from lightning_xai.functional.spatial_bias import UnevenPadding, even_input_sizes, uneven_padding
 
 __all__ = [
     "clarc_projection",
@@ -123,4 +124,7 @@ __all__ = [
     "rrr_penalty",
     "sensitivity_max",
     "sufficiency",
+    "UnevenPadding",
+    "even_input_sizes",
+    "uneven_padding",
 ]
