@@ -73,14 +73,15 @@ class CausalLM(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
-def language_model(args: argparse.Namespace, seed: int) -> tuple[torch.nn.Module, object | None]:
-    """A local pretrained model and its tokenizer (``--model-path``), or a random tiny GPT-2 (tokenizer later)."""
-    if args.model_path:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+def pretrained(path: str | None) -> tuple[torch.nn.Module | None, object | None]:
+    """A local pretrained model and its tokenizer (``--model-path``); without a path, none (a tiny GPT-2 is built
+    once the corpus has its word-level tokenizer)."""
+    if not path:
+        return None, None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model_path, local_files_only=True)
-        return AutoModelForCausalLM.from_pretrained(args.model_path, local_files_only=True), tokenizer
-    return None, None  # built once the corpus has its word-level tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True), tokenizer
 
 
 def tiny_gpt2(tokenizer: object, seed: int) -> torch.nn.Module:
@@ -116,7 +117,7 @@ class NameAttribution(pl.Callback):
 
 
 def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
-    model, tokenizer = language_model(args, seed)
+    model, tokenizer = pretrained(args.model_path)
     corpus = PlantedAssociation(num_sentences=args.sentences, seed=seed, tokenizer=tokenizer)
     validation = PlantedAssociation(num_sentences=256, seed=10_000 + seed, tokenizer=corpus.tokenizer)
     model = model if model is not None else tiny_gpt2(corpus.tokenizer, seed)

@@ -64,6 +64,7 @@ __all__ = [
     "baseline_token_id",
     "generate_greedy",
     "prompt_features",
+    "replaces_tokens",
     "resolve_targets",
 ]
 
@@ -352,7 +353,6 @@ def _gradient(
     spec: _Method,
     score: _TargetLogProbs,
     keep: Tensor,
-    inputs: Sequence[InterpretableInput],
     embeddings: nn.Module,
     kwargs: dict[str, Any],
 ) -> tuple[Tensor, Tensor]:
@@ -364,23 +364,23 @@ def _gradient(
         for token in range(score.width):
             score.token = token
             layer = method.attribute(keep, **kwargs).detach().sum(-1)
-            for i, inp in enumerate(inputs):
-                positions = _feature_positions(inp, score.features[i].ids.numel())
+            for i, features in enumerate(score.features):
+                # feature ids ascend with position, so the positions of features 0, 1, ... in order
+                positions = (features.feature_ids >= 0).nonzero()[:, 0].to(layer.device)
                 per_token[i, token, : positions.numel()] = layer[i, positions].float().cpu()
     score.token = None
     return per_token.sum(1), per_token
 
 
-def _feature_positions(inp: InterpretableInput, prompt_length: int) -> Tensor:
-    mask = getattr(inp, "itp_mask", None)
-    if mask is None:
-        return torch.arange(prompt_length)
-    return mask.reshape(-1).nonzero()[:, 0].cpu()
+def replaces_tokens(inp: InterpretableInput) -> bool:
+    """Whether ``inp`` has token features whose removal replaces them by a baseline token (not segments, not
+    ``baseline="remove"``): what gradient methods and the embedding-space metrics need."""
+    return isinstance(inp, TextTokenInput) and inp.baselines != REMOVED
 
 
 def _check_gradient_inputs(inputs: Sequence[InterpretableInput], name: str) -> None:
     for inp in inputs:
-        if not isinstance(inp, TextTokenInput) or inp.baselines == REMOVED:
+        if not replaces_tokens(inp):
             raise XAIConfigurationError(
                 f"method={name!r} attributes at the token embeddings, which needs token prompts whose removed tokens "
                 "are replaced (not segments, not baseline='remove'); use a perturbation method "
@@ -453,7 +453,7 @@ def attribute_generation(
             per_token = None if trials[0][1] is None else torch.stack([t[1] for t in trials]).mean(0)
         else:
             layer = embedding_layer if embedding_layer is not None else model.get_input_embeddings()
-            seq, per_token = _gradient(spec, score, keep, members, layer, kwargs)
+            seq, per_token = _gradient(spec, score, keep, layer, kwargs)
         for row, i in enumerate(group):
             features, tokens = inputs[i].n_itp_features, target_ids[i].numel()
             results[i] = GenerationAttribution(

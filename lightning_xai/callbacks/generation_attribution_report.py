@@ -17,6 +17,7 @@ from lightning_xai.attribution.generation import (
     GenerationAttribution,
     as_interpretable_input,
     attribute_generation,
+    replaces_tokens,
     resolve_targets,
 )
 from lightning_xai.callbacks._base import EpochMetricCallback, Stage
@@ -195,8 +196,7 @@ class GenerationAttributionReport(EpochMetricCallback):
                     f"{type(model).__name__} has no get_input_embeddings(); use perturbation methods and metrics."
                 )
             for prompt in self.prompts:  # fails here, not after an epoch of training, on segments or removal
-                inp = as_interpretable_input(prompt, tokenizer, self.baseline)
-                if type(inp).__name__ != "TextTokenInput" or self.baseline == "remove":
+                if not replaces_tokens(as_interpretable_input(prompt, tokenizer, self.baseline)):
                     raise XAIConfigurationError(
                         f"{self.where}: {gradient + embedding_metrics} need token prompts whose removed tokens are "
                         f"replaced; prompt {prompt!r} with baseline={self.baseline!r} is not. Use perturbation "

@@ -20,7 +20,6 @@ The model is any Hugging Face-style causal LM: ``model(input_ids=..., attention_
 from __future__ import annotations
 
 import inspect
-import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai.errors import XAIConfigurationError
+from lightning_xai.functional.faithfulness import _ranks, _top_count
 
 __all__ = [
     "InterpolatedPrompts",
@@ -227,19 +227,6 @@ def _takes_attention_mask(model: nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------------------- ranking and perturbing
-
-
-def _ranks(scores: Tensor) -> Tensor:
-    """``(..., F)`` position of each feature in the descending order of its row (ties: lower index first)."""
-    order = torch.sort(scores.detach().float(), dim=-1, descending=True, stable=True).indices
-    positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, positions)
-
-
-def _top_count(fraction: float, num_features: int) -> int:
-    if not 0.0 <= fraction <= 1.0:
-        raise XAIConfigurationError(f"fractions must lie in [0, 1], got {fraction}.")
-    return min(num_features, math.ceil(round(fraction * num_features, 9)))
 
 
 def _check(prompts: Sequence[PromptFeatures], targets: Sequence[Tensor], attributions: Sequence[Tensor]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,7 +73,8 @@ class GenerationFaithfulness(Metric):
     def __init__(self, metric: str = "comprehensiveness", seed: int | None = 0, **kwargs: Any) -> None:
         if metric not in KERNELS:
             raise XAIConfigurationError(f"GenerationFaithfulness(metric={metric!r}): choose one of {sorted(KERNELS)}.")
-        metric_options = {key: kwargs.pop(key) for key in list(kwargs) if key not in _METRIC_ARGUMENTS}
+        kernel_parameters = inspect.signature(KERNELS[metric].fn).parameters
+        metric_options = {key: kwargs.pop(key) for key in list(kwargs) if key in kernel_parameters}
         super().__init__(**kwargs)
         self.metric = metric
         self.kernel = KERNELS[metric]
@@ -124,14 +126,3 @@ class GenerationFaithfulness(Metric):
     def compute(self) -> Tensor:
         """The mean score over every prompt counted."""
         return self.score_sum / self.total
-
-
-_METRIC_ARGUMENTS = {
-    "compute_on_cpu",
-    "dist_sync_on_step",
-    "process_group",
-    "dist_sync_fn",
-    "distributed_available_fn",
-    "sync_on_compute",
-    "compute_with_cache",
-}
