@@ -31,6 +31,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "rationale_agreement": ("lightning_xai.metrics.rationale_agreement", "RationaleAgreement"),
     "randomization_sanity": ("lightning_xai.metrics.randomization_sanity", "RandomizationSanity"),
     "confidence_indication": ("lightning_xai.metrics.confidence_indication", "ConfidenceIndication"),
+    "rationale_consistency": ("lightning_xai.metrics.rationale_consistency", "RationaleConsistency"),
+    "dataset_consistency": ("lightning_xai.metrics.dataset_consistency", "DatasetConsistency"),
 }
 # Defaults sized to the cost budget (about 10 % of an epoch of the ColorDigits demo, measured by
 # benchmarks/attribution_metrics_cost.py): one gradient and six forward passes per probe sample.
@@ -102,6 +104,9 @@ class AttributionMetrics(EpochMetricCallback):
         metrics: names from ``AttributionMetrics.METRICS``; defaults to comprehensiveness (each further
             faithfulness metric costs about as much again).
             ``region_attribution_mass`` and ``rationale_agreement`` read ``mask_key``.
+            ``rationale_consistency`` compares with a randomly initialised copy of the model (or the
+            ``reference`` of its ``metric_kwargs``); ``dataset_consistency`` draws its pairs from the probe set
+            and, for text, gets the probe's token ids.
         num_samples: probe-set size.
         every_n_epochs: compute every this many epochs.
         pictures_every_n_epochs: log heatmaps (images) or highlighted tokens (text) through the trainer's
@@ -340,7 +345,10 @@ class AttributionMetrics(EpochMetricCallback):
                 )
 
             for metric in metrics.values():
-                metric.update(inputs, attributions, target, model=model, explain_fn=explain, mask=mask)
+                # text: metrics that need the vocabulary (dataset consistency) get the probe's token ids
+                text = not raw_inputs.is_floating_point()
+                ids = {"token_ids": raw_inputs} if text and getattr(metric, "takes_token_ids", False) else {}
+                metric.update(inputs, attributions, target, model=model, explain_fn=explain, mask=mask, **ids)
             if pictures is None:
                 shown = slice(0, self.num_images)
                 pictures = (raw_inputs[shown].detach().cpu(), attributions[shown].cpu(), target[shown].cpu())

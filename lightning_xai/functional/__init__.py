@@ -22,6 +22,19 @@ from lightning_xai.functional.concepts import (
     prediction_distance,
     treate,
 )
+from lightning_xai.functional.consistency import (
+    activation_distance,
+    consistency_correlation,
+    instance_pairs,
+    layer_activations,
+    mean_activations,
+    min_max_scale,
+    model_activation_distance,
+    pair_activation_distance,
+    saliency_distance,
+    token_overlap,
+    vocabulary_saliency_distance,
+)
 from lightning_xai.functional.contextual_decomposition import Decomposition
 from lightning_xai.functional.fairness import (
     as_probabilities,
@@ -76,6 +89,17 @@ __all__ = [
     "pooled_features",
     "rrclarc_penalty",
     "Decomposition",
+    "activation_distance",
+    "consistency_correlation",
+    "instance_pairs",
+    "layer_activations",
+    "mean_activations",
+    "min_max_scale",
+    "model_activation_distance",
+    "pair_activation_distance",
+    "saliency_distance",
+    "token_overlap",
+    "vocabulary_saliency_distance",
     "ablation_penalty",
     "counterexample_inputs",
     "counterexample_loss",

@@ -1,7 +1,8 @@
 """Attribution-quality and fairness metrics as torchmetrics ``Metric`` classes, one per module, over functional kernels.
 
 Every attribution metric shares one ``update(inputs, attributions, target=None, *, model=None, explain_fn=None,
-mask=None)`` signature (see :mod:`lightning_xai.metrics._base`); states are sums, exact under DDP.
+mask=None)`` signature (see :mod:`lightning_xai.metrics._base`); states are sums (or, for the rank correlations of
+the consistency metrics, ``cat`` lists), exact under DDP.
 """
 
 from lightning_xai.metrics._base import AttributionMetric
@@ -9,6 +10,7 @@ from lightning_xai.metrics.attribution_agreement import AttributionAgreement
 from lightning_xai.metrics.comprehensiveness import Comprehensiveness
 from lightning_xai.metrics.confidence_indication import ConfidenceIndication
 from lightning_xai.metrics.counterfactual_flip import CounterfactualFlip
+from lightning_xai.metrics.dataset_consistency import DatasetConsistency
 from lightning_xai.metrics.deletion_auc import DeletionAUC
 from lightning_xai.metrics.generation_faithfulness import GenerationFaithfulness
 from lightning_xai.metrics.infidelity import Infidelity
@@ -16,6 +18,7 @@ from lightning_xai.metrics.insertion_auc import InsertionAUC
 from lightning_xai.metrics.intersectional_fairness import IntersectionalFairness
 from lightning_xai.metrics.randomization_sanity import RandomizationSanity
 from lightning_xai.metrics.rationale_agreement import RationaleAgreement
+from lightning_xai.metrics.rationale_consistency import RationaleConsistency
 from lightning_xai.metrics.region_attribution_mass import RegionAttributionMass
 from lightning_xai.metrics.sensitivity_max import SensitivityMax
 from lightning_xai.metrics.sufficiency import Sufficiency
@@ -26,6 +29,7 @@ __all__ = [
     "Comprehensiveness",
     "ConfidenceIndication",
     "CounterfactualFlip",
+    "DatasetConsistency",
     "DeletionAUC",
     "GenerationFaithfulness",
     "Infidelity",
@@ -33,6 +37,7 @@ __all__ = [
     "IntersectionalFairness",
     "RandomizationSanity",
     "RationaleAgreement",
+    "RationaleConsistency",
     "RegionAttributionMass",
     "SensitivityMax",
     "Sufficiency",
