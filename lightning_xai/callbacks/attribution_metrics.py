@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal
@@ -14,6 +15,7 @@ from typing_extensions import override
 from lightning_xai._contract import require_logits
 from lightning_xai._lightning import LightningModule, Trainer
 from lightning_xai.attribution.methods import attribute
+from lightning_xai.attribution.smooth_surrogate import SmoothOptions, smoothed
 from lightning_xai.callbacks._base import EpochMetricCallback, Stage, picture_cadence
 from lightning_xai.errors import MissingBatchKeyError, XAIConfigurationError
 from lightning_xai.masks import masks_from_annotations
@@ -124,6 +126,12 @@ class AttributionMetrics(EpochMetricCallback):
             validation loop the metrics are then computed at the end of training epochs.
         log_images: deprecated; ``log_images=False`` is ``pictures_every_n_epochs=0``.
         images_every_n_epochs: deprecated name of ``pictures_every_n_epochs``.
+        surrogate: explain the model's smooth surrogate, ``{"relu_beta": 10.0, "maxpool_tau": 10.0}`` (see
+            :func:`~lightning_xai.attribution.smooth_surrogate`): every attribution (the probe's and the ones
+            ``sensitivity_max`` and ``randomization_sanity`` recompute) is taken with ``nn.ReLU`` as
+            ``Softplus(relu_beta)`` and max pooling as LogSumExp pooling (``maxpool_tau``), while the metrics'
+            forward passes (infidelity, comprehensiveness, ...) run the model itself: they measure how well the
+            surrogate's maps explain the model. The default name becomes ``<method>_surrogate``.
 
     Examples:
         >>> callback = AttributionMetrics(method="saliency", metrics=["comprehensiveness"], num_samples=16)
@@ -153,6 +161,7 @@ class AttributionMetrics(EpochMetricCallback):
         dataset: Dataset | None = None,
         log_images: bool | None = None,
         images_every_n_epochs: int | None = None,
+        surrogate: Mapping[str, float | None] | None = None,
     ) -> None:
         pictures_every_n_epochs = picture_cadence(
             "AttributionMetrics",
@@ -180,10 +189,18 @@ class AttributionMetrics(EpochMetricCallback):
         self.seed = seed
         self.token_decoder = token_decoder
         self.dataset = dataset
+        #: smoothing of the explained model (None: the model itself)
+        self.surrogate = None if surrogate is None else SmoothOptions.from_mapping(surrogate, "AttributionMetrics")
         self._probes: dict[Stage, dict[str, Any]] = {}
 
     def default_name(self) -> str:
-        return self.method
+        return self.method if self.surrogate is None else f"{self.method}_surrogate"
+
+    def _explained(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """``model`` as the explanations see it: its smooth surrogate (in place, for the block) or itself."""
+        if self.surrogate is None:
+            return contextlib.nullcontext(model)
+        return smoothed(model, self.surrogate.relu_beta, self.surrogate.maxpool_tau)
 
     @property
     def log_prefix(self) -> str:
@@ -198,6 +215,8 @@ class AttributionMetrics(EpochMetricCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        with self._explained(pl_module):
+            pass  # a model with nothing to smooth fails here, not at the end of the first epoch
         if not hasattr(pl_module, self._attribute_name):
             metrics = {}
             for metric_name in self.metrics:
@@ -324,9 +343,15 @@ class AttributionMetrics(EpochMetricCallback):
             else:
                 with torch.no_grad():
                     target = model(inputs).argmax(-1)
-            attributions = attribute(
-                self.method, model, inputs, target, additional_forward_args=forward_args or None, **self.method_kwargs
-            ).detach()
+            with self._explained(model):
+                attributions = attribute(
+                    self.method,
+                    model,
+                    inputs,
+                    target,
+                    additional_forward_args=forward_args or None,
+                    **self.method_kwargs,
+                ).detach()
             mask = probe["mask"][rows].clone().to(device) if "mask" in probe else None
 
             def explain(
@@ -335,14 +360,15 @@ class AttributionMetrics(EpochMetricCallback):
                 # perturbed batches hold consecutive copies of each sample: give Captum matching rows
                 copies = {str(i): a for i, a in enumerate(forward_args)}
                 expanded = tuple(_interleaved(copies, explained.shape[0]).values()) if forward_args else ()
-                return attribute(
-                    self.method,
-                    explained_model,
-                    explained,
-                    explained_target,
-                    additional_forward_args=expanded or None,
-                    **self.method_kwargs,
-                )
+                with self._explained(explained_model):
+                    return attribute(
+                        self.method,
+                        explained_model,
+                        explained,
+                        explained_target,
+                        additional_forward_args=expanded or None,
+                        **self.method_kwargs,
+                    )
 
             for metric in metrics.values():
                 # text: metrics that need the vocabulary (dataset consistency) get the probe's token ids

@@ -15,6 +15,7 @@ from lightning_xai._contract import StepContext, is_compiled, named_submodule, r
 from lightning_xai._lightning import LightningModule, Trainer, rank_zero_warn
 from lightning_xai._random import SeededGenerator
 from lightning_xai.attribution.contextual_decomposition import decompose, returns_single_tensor
+from lightning_xai.attribution.smooth_surrogate import SmoothOptions, smoothed
 from lightning_xai.callbacks._loss_term import LossTerm, Schedule
 from lightning_xai.errors import MaskShapeError, XAIConfigurationError
 from lightning_xai.functional._layers import default_map_layer
@@ -170,7 +171,8 @@ class _Job:
     def reused_logits(self, explained: Tensor) -> Tensor | None:
         """The step's own logits on ``explained`` (saves a forward), when the step computed them."""
         captured = self.context.captured_output
-        if captured is None or self.tiles != 1 or explained is not self.inputs:
+        # the step's logits come from the model itself, not from its smooth surrogate
+        if captured is None or self.tiles != 1 or explained is not self.inputs or self.penalty.surrogate is not None:
             return None
         # an input-gradient method needs logits computed from inputs that require grad
         if PENALTY_METHODS[self.penalty.method].double_backward and not self.inputs.requires_grad:
@@ -397,6 +399,13 @@ class ExplanationPenalty(LossTerm):
         name: name of the term in the logs, ``xai/<name>``; defaults to the method.
         seed: seed of the penalty's random draws (Expected-Gradients references and path points, counterexamples).
         prog_bar: show ``xai/<name>`` on the progress bar.
+        surrogate: penalise the input gradients of the model's smooth surrogate instead of its own,
+            ``{"relu_beta": 10.0, "maxpool_tau": 10.0}`` (see :func:`~lightning_xai.attribution.smoothed`): the
+            penalty's forward runs with every ``nn.ReLU`` as ``Softplus(relu_beta)`` and every max pooling as
+            LogSumExp pooling (``maxpool_tau``), on the live parameters, so its gradient trains the model; the task
+            loss still uses the model itself. Only for the input-gradient methods (``rrr``, ``input_x_gradient``,
+            ``expected_gradients``, ``rrr_gradcam``, ``hint``, ``rbr``); costs one forward more for the methods
+            that otherwise reuse the step's forward. The default name becomes ``<method>_surrogate``.
 
     Composition: CDEP runs the step's forward through the decomposition only when nothing observes the
     submodules (no forward hooks from other callbacks or the user, no old-style weight/spectral norm); otherwise
@@ -430,12 +439,23 @@ class ExplanationPenalty(LossTerm):
         ablation_baseline: float = 0.0,
         layer: str | None = None,
         relevant_key: str | None = None,
+        surrogate: Mapping[str, float | None] | None = None,
     ) -> None:
         super().__init__(weight=weight, schedule=schedule, warmup_steps=warmup_steps, name=name, prog_bar=prog_bar)
         if method not in PENALTY_METHODS:
             raise XAIConfigurationError(
                 f"ExplanationPenalty: method must be one of {tuple(PENALTY_METHODS)}, got {method!r}."
             )
+        where = f"ExplanationPenalty(method={method!r})"
+        #: smoothing of the penalty's forward (None: the model itself), see :func:`lightning_xai.attribution.smoothed`
+        self.surrogate = None if surrogate is None else SmoothOptions.from_mapping(surrogate, where)
+        if self.surrogate is not None and not PENALTY_METHODS[method].double_backward:
+            gradient_methods = [name for name, entry in PENALTY_METHODS.items() if entry.double_backward]
+            raise XAIConfigurationError(
+                f"{where}: surrogate= smooths the input gradients a penalty differentiates, and this method takes "
+                f"none; use one of {gradient_methods}, or drop surrogate=."
+            )
+        super().__init__(weight=weight, schedule=schedule, warmup_steps=warmup_steps, name=name, prog_bar=prog_bar)
         if mask is not None and mask_sampler is not None:
             raise XAIConfigurationError("ExplanationPenalty: give either a fixed `mask` or a `mask_sampler`, not both.")
         if cdep_variant not in ("image", "text", "shift_invariant"):
@@ -477,7 +497,10 @@ class ExplanationPenalty(LossTerm):
         self.seed = seed
         #: the penalty's random stream (Expected-Gradients references and path points), plain data in pickles
         self.random = SeededGenerator(seed)
-        self.reuses_step_forward = PENALTY_METHODS[method].reuses_step_forward and mask_sampler is None
+        # the surrogate's forward is not the step's: it runs one of its own
+        self.reuses_step_forward = (
+            PENALTY_METHODS[method].reuses_step_forward and mask_sampler is None and self.surrogate is None
+        )
         self.differentiates_step_inputs = self.reuses_step_forward and PENALTY_METHODS[method].double_backward
         #: steps on which CDEP's decomposition doubled as the step's forward pass
         self.steps_sharing_forward = 0
@@ -486,7 +509,7 @@ class ExplanationPenalty(LossTerm):
         self.reference_bank: Tensor | None = None
 
     def default_name(self) -> str:
-        return self.method
+        return self.method if self.surrogate is None else f"{self.method}_surrogate"
 
     @property
     def suggested_weight_range(self) -> tuple[float, float]:
@@ -534,6 +557,10 @@ class ExplanationPenalty(LossTerm):
         if method.needs_layer:
             path = self.layer if self.layer is not None else default_map_layer(pl_module, self.where)
             self.layer_module = named_submodule(pl_module, path, self.where)
+        if self.surrogate is not None:
+            # fail here, not at the first step, when there is nothing to smooth
+            with smoothed(pl_module, self.surrogate.relu_beta, self.surrogate.maxpool_tau):
+                pass
         # The decomposition can stand in for the step's forward only where it computes the same function: the
         # default xai_forward of an uncompiled module that returns one tensor.
         self._shares_forward = (
@@ -633,7 +660,12 @@ class ExplanationPenalty(LossTerm):
         if sample_weights is not None and not bool(sample_weights.any()):
             return inputs.new_zeros((), dtype=torch.float)  # no annotated sample in this batch
         job = _Job(self, pl_module, context, inputs, mask, sample_weights, tiles)
-        return PENALTY_METHODS[self.method].term(job)
+        if self.surrogate is None:
+            return PENALTY_METHODS[self.method].term(job)
+        # Swapped in place (parameter-free modules only): the penalty's graph runs the live parameters and stays
+        # valid after the block, so the backward of the total loss reaches the model.
+        with smoothed(pl_module, self.surrogate.relu_beta, self.surrogate.maxpool_tau):  # type: ignore[arg-type]
+            return PENALTY_METHODS[self.method].term(job)
 
     # ----------------------------------------------------------------- Expected-Gradients references
 

@@ -78,6 +78,7 @@ from lightning_xai.functional.plausibility import (
     rationale_average_precision,
     region_attribution_mass,
 )
+from lightning_xai.functional.pooling import lse_pool1d, lse_pool2d
 from lightning_xai.functional.robustness import gaussian_perturbation, infidelity, sensitivity_max
 from lightning_xai.functional.sanity import randomize_top_layers, rank_correlation
 from lightning_xai.functional.spatial_bias import UnevenPadding, even_input_sizes, uneven_padding
@@ -147,6 +148,8 @@ __all__ = [
     "region_attribution_mass",
     "rrr_penalty",
     "sensitivity_max",
+    "lse_pool1d",
+    "lse_pool2d",
     "sufficiency",
     "UnevenPadding",
     "even_input_sizes",
