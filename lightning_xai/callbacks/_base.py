@@ -13,6 +13,7 @@ import math
 import warnings
 from typing import Any, ClassVar, Literal
 
+from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_xai._contract import HookHandles, check_name, is_compiled
@@ -141,6 +142,8 @@ class EpochMetricCallback(XAICallback):
         #: fit/validate computations so far (test computations are not counted)
         self.epochs_computed = 0
         self.last_values: dict[str, float] = {}
+        #: a dataset a subclass draws its probe set from instead of the stage's loader (``dataset=``)
+        self.dataset: Dataset | None = None
         self._stage: Stage | None = None
 
     @property
@@ -188,6 +191,29 @@ class EpochMetricCallback(XAICallback):
         if self.pictures_every_n_epochs == 0 or not trainer.is_global_zero or not trainer.loggers:
             return False
         return stage == "test" or (self.epochs_computed - 1) % self.pictures_every_n_epochs == 0
+
+    def probe_loader(
+        self,
+        trainer: Trainer,
+        stage: Stage,
+        batch_size: int,
+        dataset: Dataset | None = None,
+        collate_fn: Any = None,
+    ) -> Any:
+        """The loader a probe set is drawn from: ``dataset`` (default: :attr:`dataset`) in batches of
+        ``batch_size``, or else the first validation (test) loader of the trainer, already sharded over DDP ranks."""
+        dataset = self.dataset if dataset is None else dataset
+        if dataset is not None:
+            return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
+        loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        if loader is None:
+            which = "test" if stage == "test" else "validation"
+            raise XAIConfigurationError(
+                f"{self.where} draws its probe set from the {which} loader, and there is none: give one to the "
+                "Trainer, or pass dataset= to the callback."
+            )
+        return loader
 
     def log_pictures(self, trainer: Trainer, render: Any, *args: Any) -> None:
         """Runs ``render(trainer, *args)``, which renders and logs pictures; a failure there only warns."""
@@ -249,6 +275,12 @@ class EpochMetricCallback(XAICallback):
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_end(trainer, pl_module, "validate")
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Without a validation loop the validation hooks never run: a given probe dataset is measured here instead.
+        if self.dataset is not None and not trainer.val_dataloaders:
+            self._epoch_end(trainer, pl_module, "validate")
 
     @override
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

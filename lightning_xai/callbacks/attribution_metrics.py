@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from typing_extensions import override
 
 from lightning_xai._contract import require_logits
@@ -236,17 +236,7 @@ class AttributionMetrics(EpochMetricCallback):
     # ------------------------------------------------------------------------------------- probe
 
     def _build_probe(self, trainer: Trainer, pl_module: XAIMixin, stage: Stage) -> dict[str, Any]:
-        if self.dataset is not None:
-            loader = DataLoader(self.dataset, batch_size=self.batch_size)
-        else:
-            loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
-            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-        if loader is None:
-            which = "test" if stage == "test" else "validation"
-            raise XAIConfigurationError(
-                f"AttributionMetrics draws its probe set from the {which} loader, and there is none: give one to "
-                "the Trainer, or pass dataset= to the callback."
-            )
+        loader = self.probe_loader(trainer, stage, self.batch_size)
         pool: list[Mapping[str, Any]] = []
         collected = 0
         for batch in loader:
@@ -292,12 +282,6 @@ class AttributionMetrics(EpochMetricCallback):
         return probe
 
     # ------------------------------------------------------------------------------------- hooks
-
-    @override
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Without a validation loop the validation hooks never run: a given dataset is probed here instead.
-        if self.dataset is not None and not trainer.val_dataloaders:
-            self._epoch_end(trainer, pl_module, "validate")
 
     @override
     def epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: Stage) -> None:
