@@ -43,3 +43,7 @@ class MaskValueError(XAIError, ValueError):
 
 class LabelValueError(XAIError, ValueError):
     """A class label (a target, a concept label) is not an integer class of its range."""
+
+
+class UnevenPaddingError(XAIError, ValueError):
+    """A strided layer pads its input on one side only at the training input size (``SpatialBiasMonitor``, strict)."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,15 +21,20 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from lightning_xai._text import visible_text
+from lightning_xai.functional.spatial_bias import side_asymmetry, spatial_bias_statistics
 
 __all__ = [
     "generation_attribution_html",
     "highlight_tokens_html",
+    "render_blind_spot_maps",
     "render_cell_rates",
     "render_generation_heatmaps",
     "render_heatmaps",
+    "render_mean_kernels",
+    "render_mean_maps",
     "render_tokens_png",
     "visible_text",
 ]
@@ -539,4 +545,155 @@ def render_generation_heatmaps(
         color="#444444",
         va="top",
     )
+    return _figure_to_rgb(fig)
+
+
+
+# ------------------------------------------------------------------------------------------------ spatial bias
+
+_SPATIAL_PANEL_INCHES = 2.6
+_SPATIAL_MAX_COLUMNS = 4
+_KERNEL_WRITTEN_CELLS = 49  # kernels of at most 7x7 have their values written into the cells
+
+
+def _panel_grid(count: int, title: str, what: str, columns: int | None = None) -> tuple[Figure, list]:
+    """A figure of ``count`` panels (at most ``columns`` a row) under ``title``, wrapped; the figure and the axes."""
+    if count == 0:
+        raise ValueError(f"{what}: got no panels to draw.")
+    columns = min(count, columns or _SPATIAL_MAX_COLUMNS)
+    rows = math.ceil(count / columns)
+    width = max(_SPATIAL_PANEL_INCHES * columns + 0.4, 4.0)
+    # the title is wrapped to the figure's width (about 14 characters an inch at this size), never cut off
+    lines = [part for line in title.split("\n") for part in textwrap.wrap(line, width=int(width * 14)) or [""]]
+    title_inches = 0.17 * len(lines) + 0.2
+    height = _SPATIAL_PANEL_INCHES * rows + title_inches
+    # constrained layout makes room for the suptitle, the panel titles and the colour bars
+    fig = Figure(figsize=(width, height), dpi=100, facecolor="white", layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel().tolist()
+    for ax in axes[count:]:
+        ax.set_axis_off()
+    fig.suptitle("\n".join(lines), fontsize=9)
+    return fig, axes[:count]
+
+
+def _as_float_array(value: torch.Tensor) -> np.ndarray:
+    return np.nan_to_num(value.detach().to("cpu", torch.float64).numpy())
+
+
+def _show_panel(fig: Figure, ax, image: np.ndarray, label: str, **kwargs: object) -> None:
+    shown = ax.imshow(image, interpolation="nearest", **kwargs)
+    colorbar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    colorbar.ax.tick_params(labelsize=6)
+    colorbar.set_label(label, fontsize=7)
+    ax.tick_params(labelsize=6)
+    for axis in (ax.xaxis, ax.yaxis):  # positions are whole pixels
+        axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def render_mean_maps(maps: Mapping[str, torch.Tensor], title: str = "mean |activation| per layer") -> np.ndarray:
+    """One panel per layer: its mean ``|activation|`` map, own colour scale, with border ratio and asymmetries.
+
+    Args:
+        maps: layer path -> map ``(H, W)`` (an image with a colour bar) or ``(L,)`` (a line).
+        title: the figure's title (the callback writes the stage and epoch into it).
+
+    Returns:
+        A ``uint8`` array ``(height, width, 3)``.
+
+    Examples:
+        >>> image = render_mean_maps({"conv1": torch.rand(8, 8), "conv2": torch.rand(4, 4)})
+        >>> image.dtype, image.shape[2]
+        (dtype('uint8'), 3)
+    """
+    fig, axes = _panel_grid(len(maps), title, "render_mean_maps")
+    for ax, (layer, mean_map) in zip(axes, maps.items()):
+        stats = {k: float(v) for k, v in spatial_bias_statistics(mean_map.detach().cpu().double()).items()}
+        values = _as_float_array(mean_map)
+        if mean_map.dim() == 1:
+            ax.plot(values, marker=".")
+            ax.set_xlabel("position", fontsize=7)
+            ax.tick_params(labelsize=6)
+        else:
+            _show_panel(fig, ax, values, "mean |a|", cmap="viridis")
+        ratio = stats["border_ratio"]
+        border = f"{ratio:.2f}" if math.isfinite(ratio) else "n/a (no interior)"
+        lines = [f"{layer} {tuple(mean_map.shape)}", f"border/interior {border}"]
+        asymmetry = f"left-right {stats['lr_asymmetry']:+.3f}"
+        if "tb_asymmetry" in stats:
+            asymmetry += f"  top-bottom {stats['tb_asymmetry']:+.3f}"
+        ax.set_title("\n".join([*lines, asymmetry]), fontsize=7)
+    return _figure_to_rgb(fig)
+
+
+def render_mean_kernels(kernels: Mapping[str, torch.Tensor], title: str = "mean |w| kernel per layer") -> np.ndarray:
+    """One panel per convolution: its mean ``|w|`` kernel (values written in the cells) and its asymmetries.
+
+    Args:
+        kernels: layer path -> mean kernel ``(kh, kw)`` (or ``(k,)`` for 1-D convolutions).
+        title: the figure's title.
+
+    Returns:
+        A ``uint8`` array ``(height, width, 3)``.
+
+    Examples:
+        >>> render_mean_kernels({"conv1": torch.rand(3, 3)}).shape[2]
+        3
+    """
+    fig, axes = _panel_grid(len(kernels), title, "render_mean_kernels")
+    for ax, (layer, kernel) in zip(axes, kernels.items()):
+        grid = kernel.detach().cpu().double()
+        grid = grid.unsqueeze(0) if grid.dim() == 1 else grid
+        values = _as_float_array(grid)
+        _show_panel(fig, ax, values, "mean |w|", cmap="magma", vmin=0.0)
+        if values.size <= _KERNEL_WRITTEN_CELLS:
+            high = float(values.max()) or 1.0
+            for (row, column), value in np.ndenumerate(values):
+                colour = "black" if value > 0.6 * high else "white"
+                ax.text(column, row, f"{value:.3f}", ha="center", va="center", fontsize=6, color=colour)
+        ax.set_xticks(range(values.shape[1]))
+        ax.set_yticks(range(values.shape[0]))
+        asymmetry = f"left-right {float(side_asymmetry(grid, -1)):+.3f}"
+        if kernel.dim() == 2:
+            asymmetry += f"\ntop-bottom {float(side_asymmetry(grid, -2)):+.3f}"
+        ax.set_title(f"{layer} {tuple(kernel.shape)}\n{asymmetry}", fontsize=7)
+    return _figure_to_rgb(fig)
+
+
+def render_blind_spot_maps(
+    maps: Mapping[str, torch.Tensor],
+    title: str = "score of the stimulus per position (blind spots are dark)",
+    label: str = "p(target)",
+    columns: int | None = None,
+    vmin: float | None = 0.0,
+    vmax: float | None = 1.0,
+) -> np.ndarray:
+    """Blind-spot maps side by side on one colour scale (``[0, 1]``), each titled with its name, mean and minimum.
+
+    Args:
+        maps: name (a model variant, a class) -> ``(H', W')`` scores from
+            :func:`~lightning_xai.functional.blind_spot_map`; entry ``(i, j)`` is the stimulus's top-left corner.
+        title: the figure's title.
+        label: the colour bar's label.
+        columns: panels per row (at most 4 by default).
+        vmin: the colour scale's low end; ``None``: the lowest value of all panels (a shared scale that shows
+            small differences).
+        vmax: the high end; ``None``: the highest value of all panels.
+
+    Returns:
+        A ``uint8`` array ``(height, width, 3)``.
+
+    Examples:
+        >>> render_blind_spot_maps({"zeros, 32": torch.rand(25, 25), "reflect, 32": torch.rand(25, 25)}).ndim
+        3
+    """
+    fig, axes = _panel_grid(len(maps), title, "render_blind_spot_maps", columns)
+    every = [_as_float_array(scores) for scores in maps.values()]
+    low = min(float(v.min()) for v in every) if vmin is None else vmin
+    high = max(float(v.max()) for v in every) if vmax is None else vmax
+    for ax, name, values in zip(axes, maps, every):
+        _show_panel(fig, ax, values, label, cmap="inferno", vmin=low, vmax=high)
+        ax.set_xlabel("stimulus column", fontsize=7)
+        ax.set_ylabel("stimulus row", fontsize=7)
+        ax.set_title(f"{name}\nmean {values.mean():.2f}, min {values.min():.2f}", fontsize=7)
     return _figure_to_rgb(fig)

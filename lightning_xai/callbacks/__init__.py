@@ -14,6 +14,7 @@ from lightning_xai.callbacks.generation_attribution_report import GenerationAttr
 from lightning_xai.callbacks.mutual_information_regularizer import MutualInformationRegularizer
 from lightning_xai.callbacks.revision_freeze import RevisionFreeze
 from lightning_xai.callbacks.rrclarc_penalty import RRClArCPenalty
+from lightning_xai.callbacks.spatial_bias_monitor import SpatialBiasMonitor
 
 __all__ = [
     "AdversarialConceptHead",
@@ -29,6 +30,7 @@ __all__ = [
     "MutualInformationRegularizer",
     "RevisionFreeze",
     "RRClArCPenalty",
+    "SpatialBiasMonitor",
     "schedule_factor",
     "strip_concept_heads",
 ]

@@ -81,7 +81,17 @@ from lightning_xai.functional.plausibility import (
 from lightning_xai.functional.pooling import lse_pool1d, lse_pool2d
 from lightning_xai.functional.robustness import gaussian_perturbation, infidelity, sensitivity_max
 from lightning_xai.functional.sanity import randomize_top_layers, rank_correlation
-from lightning_xai.functional.spatial_bias import UnevenPadding, even_input_sizes, uneven_padding
+from lightning_xai.functional.spatial_bias import (
+    UnevenPadding,
+    blind_spot_map,
+    border_ratio,
+    even_input_sizes,
+    mean_activation_map,
+    mean_kernel,
+    side_asymmetry,
+    spatial_bias_statistics,
+    uneven_padding,
+)
 
 __all__ = [
     "clarc_projection",
@@ -152,6 +162,12 @@ __all__ = [
     "lse_pool2d",
     "sufficiency",
     "UnevenPadding",
+    "blind_spot_map",
+    "border_ratio",
     "even_input_sizes",
+    "mean_activation_map",
+    "mean_kernel",
+    "side_asymmetry",
+    "spatial_bias_statistics",
     "uneven_padding",
 ]

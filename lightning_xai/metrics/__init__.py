@@ -16,6 +16,7 @@ from lightning_xai.metrics.generation_faithfulness import GenerationFaithfulness
 from lightning_xai.metrics.infidelity import Infidelity
 from lightning_xai.metrics.insertion_auc import InsertionAUC
 from lightning_xai.metrics.intersectional_fairness import IntersectionalFairness
+from lightning_xai.metrics.mean_activation_map import MeanActivationMap
 from lightning_xai.metrics.randomization_sanity import RandomizationSanity
 from lightning_xai.metrics.rationale_agreement import RationaleAgreement
 from lightning_xai.metrics.rationale_consistency import RationaleConsistency
@@ -35,6 +36,7 @@ __all__ = [
     "Infidelity",
     "InsertionAUC",
     "IntersectionalFairness",
+    "MeanActivationMap",
     "RandomizationSanity",
     "RationaleAgreement",
     "RationaleConsistency",

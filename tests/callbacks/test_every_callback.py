@@ -20,6 +20,7 @@ from lightning_xai.callbacks import (
     LossTerm,
     MutualInformationRegularizer,
     RRClArCPenalty,
+    SpatialBiasMonitor,
 )
 from lightning_xai.datasets import PlantedAssociation, word_tokenizer
 from tests.callbacks.test_composition import CompositionCNNBody, cnn_batch
@@ -48,6 +49,7 @@ CALLBACKS = {
     "FairnessMetrics": (lambda name=None: FairnessMetrics(["sex"], [2], name=name), "fair"),
     "ConceptEffect": (lambda name=None: ConceptEffect("features", "gender", name=name), "concept/gender"),
     "RRClArCPenalty": (lambda name=None: RRClArCPenalty(layer="features", weight=2.0, name=name), None),
+    "SpatialBiasMonitor": (lambda name=None: SpatialBiasMonitor(num_samples=8, batch_size=4, name=name), "spatial"),
     "GenerationAttributionReport": (
         lambda name=None: GenerationAttributionReport(["today alice works as a"], max_new_tokens=2, name=name),
         "llm",
