@@ -441,7 +441,6 @@ class ExplanationPenalty(LossTerm):
         relevant_key: str | None = None,
         surrogate: Mapping[str, float | None] | None = None,
     ) -> None:
-        super().__init__(weight=weight, schedule=schedule, warmup_steps=warmup_steps, name=name, prog_bar=prog_bar)
         if method not in PENALTY_METHODS:
             raise XAIConfigurationError(
                 f"ExplanationPenalty: method must be one of {tuple(PENALTY_METHODS)}, got {method!r}."
