@@ -84,7 +84,23 @@ PAPER = {
 SCHEDULES = {"decoy": (4, 1.0), "articles": (1, 0.25), "gender": (1, 0.25)}
 
 
-class SSTClassifier(XAIMixin, pl.LightningModule):
+class SentenceClassifier(XAIMixin, pl.LightningModule):
+    """The training of every SST classifier of the examples: cross-entropy, dev accuracy, Adam at ``hparams.lr``."""
+
+    def training_step(self, batch, batch_idx):
+        loss = F.cross_entropy(self(batch["input_ids"]), batch["labels"])
+        self.log("train/loss", loss, on_epoch=True, on_step=False, batch_size=len(batch["labels"]))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        correct = (self(batch["input_ids"]).argmax(1) == batch["labels"]).float().mean()
+        self.log("val/acc", correct, on_epoch=True, batch_size=len(batch["labels"]))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class SSTClassifier(SentenceClassifier):
     """Embedding, one LSTM layer and a linear head on the last state (inputs are padded on the left)."""
 
     def __init__(self, vocabulary_size: int, embedding_dim: int = 300, hidden: int = 128, lr: float = 1e-3) -> None:
@@ -103,18 +119,6 @@ class SSTClassifier(XAIMixin, pl.LightningModule):
     def xai_forward_from_embeddings(self, embeddings: torch.Tensor, batch: Any) -> torch.Tensor:
         states, _ = self.lstm(embeddings)
         return self.head(states[:, -1])
-
-    def training_step(self, batch, batch_idx):
-        loss = F.cross_entropy(self(batch["input_ids"]), batch["labels"])
-        self.log("train/loss", loss, on_epoch=True, on_step=False, batch_size=len(batch["labels"]))
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        correct = (self(batch["input_ids"]).argmax(1) == batch["labels"]).float().mean()
-        self.log("val/acc", correct, on_epoch=True, batch_size=len(batch["labels"]))
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
 class KeepBestOnDev(pl.Callback):

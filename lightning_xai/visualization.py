@@ -35,6 +35,8 @@ __all__ = [
     "render_heatmaps",
     "render_mean_kernels",
     "render_mean_maps",
+    "render_neuron_features",
+    "render_neuron_histograms",
     "render_tokens_png",
     "visible_text",
 ]
@@ -547,6 +549,82 @@ def render_generation_heatmaps(
     )
     return _figure_to_rgb(fig)
 
+
+def render_neuron_histograms(distances: dict[str, dict[str, torch.Tensor]], bins: int = 20) -> np.ndarray:
+    """Histograms of per-neuron Hellinger distances, one panel per layer (TX-Ray's "how much did neurons change").
+
+    Args:
+        distances: layer -> {"reference": (neurons,), "previous": (neurons,)} distances in ``[0, 1]``; NaN entries
+            (a neuron dead at one of the two stages) are left out and counted in the legend.
+        bins: bins over ``[0, 1]``.
+
+    Returns:
+        ``(H, W, 3)`` ``uint8`` array.
+
+    Examples:
+        >>> image = render_neuron_histograms({"conv": {"reference": torch.rand(50), "previous": torch.rand(50) / 4}})
+        >>> image.dtype, image.shape[2]
+        (dtype('uint8'), 3)
+    """
+    layers = [layer for layer, kinds in distances.items() if kinds]
+    fig = Figure(figsize=(3.4 * max(len(layers), 1), 2.8), dpi=_DPI)
+    colours = {"reference": "#4c72b0", "previous": "#dd8452"}
+    labels = {"reference": "to the reference (start)", "previous": "to the previous epoch"}
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for index, layer in enumerate(layers):
+        ax = fig.add_subplot(1, max(len(layers), 1), index + 1)
+        for kind, values in distances[layer].items():
+            array = values.detach().cpu().double().numpy()
+            defined = array[np.isfinite(array)]
+            missing = array.size - defined.size
+            mean = f", mean {defined.mean():.2f}" if defined.size else ""
+            label = labels.get(kind, kind) + mean + (f", {missing} dead" if missing else "")
+            ax.hist(defined, bins=edges, alpha=0.6, color=colours.get(kind, "#55a868"), label=label)
+        ax.set_xlim(0.0, 1.0)
+        ax.set_xlabel("Hellinger distance (0: same features, 1: disjoint)", fontsize=7)
+        ax.set_ylabel("neurons", fontsize=7)
+        ax.set_title(f"{visible_text(layer)}: change of each neuron's features", fontsize=8, parse_math=False)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, frameon=False)
+    fig.tight_layout()
+    return _figure_to_rgb(fig)
+
+
+def render_neuron_features(layers: dict[str, Sequence[tuple[int, float, str]]]) -> np.ndarray:
+    """What the strongest neurons of each layer respond to: one horizontal bar per neuron (its share of the layer's
+    maximal activation), labelled with its top features, one panel per layer.
+
+    Args:
+        layers: layer -> ``(neuron, mass share, "feature (share), ...")`` rows, strongest first.
+
+    Returns:
+        ``(H, W, 3)`` ``uint8`` array.
+
+    Examples:
+        >>> image = render_neuron_features({"conv": [(3, 0.4, "good (0.61), great (0.2)"), (0, 0.1, "bad (0.9)")]})
+        >>> image.dtype, image.shape[2]
+        (dtype('uint8'), 3)
+    """
+    names = [layer for layer, rows in layers.items() if rows]
+    height = max((len(layers[layer]) for layer in names), default=1)
+    fig = Figure(figsize=(6.4, 0.9 + 0.22 * height * max(len(names), 1)), dpi=_DPI)
+    for index, layer in enumerate(names):
+        rows = list(layers[layer])
+        ax = fig.add_subplot(max(len(names), 1), 1, index + 1)
+        positions = np.arange(len(rows))[::-1]
+        shares = [share for _, share, _ in rows]
+        ax.barh(positions, shares, color="#4c72b0", height=0.7)
+        top = max(shares, default=1.0) or 1.0
+        for y, (_, share, label) in zip(positions, rows):
+            ax.text(share + 0.01 * top, y, visible_text(label), va="center", fontsize=6, parse_math=False)
+        ax.set_yticks(positions)
+        ax.set_yticklabels([f"neuron {neuron}" for neuron, _, _ in rows], fontsize=6)
+        ax.set_xlim(0.0, top * 2.2)  # room for the feature labels right of the bars
+        ax.set_xlabel("share of the layer's maximal activation; labels: top features (their share)", fontsize=7)
+        ax.set_title(f"{visible_text(layer)}: what its strongest neurons respond to", fontsize=8, parse_math=False)
+        ax.tick_params(axis="x", labelsize=6)
+    fig.tight_layout()
+    return _figure_to_rgb(fig)
 
 
 # ------------------------------------------------------------------------------------------------ spatial bias

@@ -12,6 +12,7 @@ from lightning_xai.callbacks.fairness_constraint import FairnessConstraint
 from lightning_xai.callbacks.fairness_metrics import FairnessMetrics
 from lightning_xai.callbacks.generation_attribution_report import GenerationAttributionReport
 from lightning_xai.callbacks.mutual_information_regularizer import MutualInformationRegularizer
+from lightning_xai.callbacks.neuron_monitor import NeuronMonitor
 from lightning_xai.callbacks.revision_freeze import RevisionFreeze
 from lightning_xai.callbacks.rrclarc_penalty import RRClArCPenalty
 from lightning_xai.callbacks.spatial_bias_monitor import SpatialBiasMonitor
@@ -28,6 +29,7 @@ __all__ = [
     "GenerationAttributionReport",
     "LossTerm",
     "MutualInformationRegularizer",
+    "NeuronMonitor",
     "RevisionFreeze",
     "RRClArCPenalty",
     "SpatialBiasMonitor",

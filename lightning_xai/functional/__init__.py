@@ -59,6 +59,19 @@ from lightning_xai.functional.faithfulness import (
     insertion_curve,
     sufficiency,
 )
+from lightning_xai.functional.neurons import (
+    dead_neurons,
+    feature_distributions,
+    filter_redundancy,
+    hellinger_distance,
+    layer_positions,
+    length_shift,
+    neuron_feature_mass,
+    neuron_length,
+    neuron_scores,
+    prune_neurons,
+    top_features,
+)
 from lightning_xai.functional.penalties import (
     ablation_penalty,
     cdep_penalty,
@@ -170,4 +183,15 @@ __all__ = [
     "side_asymmetry",
     "spatial_bias_statistics",
     "uneven_padding",
+    "dead_neurons",
+    "feature_distributions",
+    "filter_redundancy",
+    "hellinger_distance",
+    "layer_positions",
+    "length_shift",
+    "neuron_feature_mass",
+    "neuron_length",
+    "neuron_scores",
+    "prune_neurons",
+    "top_features",
 ]

@@ -17,6 +17,7 @@ from lightning_xai.metrics.infidelity import Infidelity
 from lightning_xai.metrics.insertion_auc import InsertionAUC
 from lightning_xai.metrics.intersectional_fairness import IntersectionalFairness
 from lightning_xai.metrics.mean_activation_map import MeanActivationMap
+from lightning_xai.metrics.neuron_activation_stats import NeuronActivationStats
 from lightning_xai.metrics.randomization_sanity import RandomizationSanity
 from lightning_xai.metrics.rationale_agreement import RationaleAgreement
 from lightning_xai.metrics.rationale_consistency import RationaleConsistency
@@ -36,6 +37,7 @@ __all__ = [
     "Infidelity",
     "InsertionAUC",
     "IntersectionalFairness",
+    "NeuronActivationStats",
     "MeanActivationMap",
     "RandomizationSanity",
     "RationaleAgreement",

@@ -19,6 +19,7 @@ from lightning_xai.callbacks import (
     GenerationAttributionReport,
     LossTerm,
     MutualInformationRegularizer,
+    NeuronMonitor,
     RRClArCPenalty,
     SpatialBiasMonitor,
 )
@@ -50,6 +51,10 @@ CALLBACKS = {
     "ConceptEffect": (lambda name=None: ConceptEffect("features", "gender", name=name), "concept/gender"),
     "RRClArCPenalty": (lambda name=None: RRClArCPenalty(layer="features", weight=2.0, name=name), None),
     "SpatialBiasMonitor": (lambda name=None: SpatialBiasMonitor(num_samples=8, batch_size=4, name=name), "spatial"),
+    "NeuronMonitor": (
+        lambda name=None: NeuronMonitor(["features.3"], feature_key="target", num_features=3, num_samples=8, name=name),
+        "neurons",
+    ),
     "GenerationAttributionReport": (
         lambda name=None: GenerationAttributionReport(["today alice works as a"], max_new_tokens=2, name=name),
         "llm",
