@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/metrics_speed.py
 	$(PY) benchmarks/fairness_overhead.py
 	$(PY) benchmarks/generation_report_cost.py
+	$(PY) benchmarks/monitor_cost.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
