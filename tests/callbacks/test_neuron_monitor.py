@@ -322,3 +322,32 @@ def test_composes_with_a_loss_term_and_bf16_mixed_precision():
     assert "xai/rrr" in metrics and torch.isfinite(metrics["xai/rrr"])
     assert 0.0 <= metrics["neurons/features.3/hellinger_reference"].item() <= 1.0
     assert metrics["neurons/features.3/mean_length"].item() >= 1.0
+
+
+def test_the_model_understanding_monitors_share_one_model_and_layer(lightning_package):
+    """NeuronMonitor and SpatialBiasMonitor hook the same convolution beside AttributionMetrics; each logs what it
+    logs alone."""
+    from lightning_xai.callbacks import AttributionMetrics, SpatialBiasMonitor
+    from tests.callbacks.test_composition import CompositionCNNBody, cnn_batch
+
+    data = cnn_batch(16)
+
+    def run(*callbacks):
+        trainer_ = trainer(lightning_package, max_epochs=2, callbacks=list(callbacks))
+        trainer_.fit(bind(CompositionCNNBody, lightning_package)(), loader(data, 8), loader(data, 8))
+        return {k: v.item() for k, v in trainer_.callback_metrics.items() if not k.endswith("loss")}
+
+    def neurons():
+        return NeuronMonitor(["features.3"], feature_key="target", num_features=3, num_samples=16)
+
+    def spatial():
+        return SpatialBiasMonitor(layers=["features.3"], num_samples=16, pictures_every_n_epochs=0)
+
+    def attributions():
+        return AttributionMetrics("saliency", num_samples=8, pictures_every_n_epochs=0)
+
+    together = run(neurons(), spatial(), attributions())
+    alone = {**run(neurons()), **run(spatial()), **run(attributions())}
+    assert together.keys() == alone.keys()
+    for key, value in alone.items():
+        assert together[key] == pytest.approx(value, abs=1e-6), key
