@@ -26,6 +26,7 @@ from lightning_xai.functional.contextual_decomposition import (
     decompose_lstm_layer,
     decompose_max_pool,
     decompose_product,
+    max_pool_indices,
     relevant_share,
 )
 
@@ -200,15 +201,15 @@ def _layer_norm(module: nn.LayerNorm, x: Decomposition) -> Decomposition:
 # --------------------------------------------------------------------------------------- nonlinear
 
 
-def _elementwise_module(fn_from_module: Callable[[nn.Module], Callable[[Tensor], Tensor]]) -> Rule:
+def _elementwise_module(fn_from_module: Callable[[nn.Module], Callable[[Tensor], Tensor]], clips: bool = False) -> Rule:
     def rule(module: nn.Module, x: Decomposition) -> Decomposition:
-        return decompose_elementwise(x, fn_from_module(module))
+        return decompose_elementwise(x, fn_from_module(module), clips)
 
     return rule
 
 
-register_cd_rule(nn.ReLU)(_elementwise_module(lambda m: F.relu))
-register_cd_rule(nn.ReLU6)(_elementwise_module(lambda m: F.relu6))
+register_cd_rule(nn.ReLU)(_elementwise_module(lambda m: F.relu, clips=True))
+register_cd_rule(nn.ReLU6)(_elementwise_module(lambda m: F.relu6, clips=True))
 register_cd_rule(nn.LeakyReLU)(_elementwise_module(lambda m: lambda t: F.leaky_relu(t, m.negative_slope)))
 register_cd_rule(nn.ELU)(_elementwise_module(lambda m: lambda t: F.elu(t, m.alpha)))
 register_cd_rule(nn.GELU)(_elementwise_module(lambda m: lambda t: F.gelu(t, approximate=m.approximate)))
@@ -220,10 +221,16 @@ register_cd_rule(nn.Softplus)(
 )
 
 
+#: the elementwise functions that are non-decreasing and flat where they clip (see decompose_elementwise)
+_CLIPPING = (F.relu, F.relu6, torch.relu)
+
+
 def _elementwise_function(fn: Callable[..., Tensor]) -> Rule:
+    clips = fn in _CLIPPING
+
     def rule(x: Decomposition, *args: Any, **kwargs: Any) -> Decomposition:
         kwargs.pop("inplace", None)  # never write into a stream another node still reads
-        return decompose_elementwise(x, lambda t: fn(t, *args, **kwargs))
+        return decompose_elementwise(x, lambda t: fn(t, *args, **kwargs), clips)
 
     return rule
 
@@ -273,8 +280,7 @@ def _max_pool_module(module: nn.Module, x: Decomposition) -> Any:
         )
 
     if module.return_indices:
-        _, indices = pool_with_indices(x.total)
-        return decompose_max_pool(x, pool_with_indices), indices
+        return decompose_max_pool(x, pool_with_indices), max_pool_indices(x, pool_with_indices)
     return decompose_max_pool(x, pool_with_indices)
 
 
@@ -295,7 +301,7 @@ def _max_pool_function(pool: Callable) -> Rule:
             return pool(t, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
 
         result = decompose_max_pool(x, pool_with_indices)
-        return (result, pool_with_indices(x.total)[1]) if return_indices else result
+        return (result, max_pool_indices(x, pool_with_indices)) if return_indices else result
 
     return rule
 

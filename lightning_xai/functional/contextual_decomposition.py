@@ -35,10 +35,13 @@ class Decomposition:
     Args:
         relevant: contribution of the masked input features.
         total: the activation of the ordinary forward pass (``relevant + irrelevant``).
+        order: what a max pooling right after this activation ranks positions by, when ``total`` has ties that a
+            clipping nonlinearity made (the pre-activation of a ReLU, whose zeros all tie); ``None``: ``total``.
     """
 
     relevant: Tensor
     total: Tensor
+    order: Tensor | None = None
 
     @property
     def irrelevant(self) -> Tensor:
@@ -118,11 +121,16 @@ def decompose_affine(value: Decomposition, linear: Callable[[Tensor], Tensor], b
     return add_constant(Decomposition(relevant, total), bias)
 
 
-def decompose_elementwise(value: Decomposition, fn: Callable[[Tensor], Tensor]) -> Decomposition:
+def decompose_elementwise(value: Decomposition, fn: Callable[[Tensor], Tensor], clips: bool = False) -> Decomposition:
     """Relevant-first split of an elementwise nonlinearity ``fn``.
 
     ``relevant' = fn(relevant) - fn(0)`` and ``total' = fn(total)``; the offset ``fn(0)`` (0.5 for a
     sigmoid, log 2 for a softplus) is a constant and is split like a bias.
+
+    ``clips``: ``fn`` is non-decreasing and flat where it clips (ReLU, ReLU6). The result then keeps the
+    pre-activation as its :attr:`~Decomposition.order`, so that a max pooling after ``fn`` reads both parts where
+    a max pooling before it would: ``fn`` and max pooling commute, and so does the decomposition, instead of
+    depending on which of ReLU's tied zeros the pooling happens to pick in a window that is negative everywhere.
 
     Examples:
         >>> d = decompose_elementwise(Decomposition(torch.tensor([1.0, -1.0]), torch.tensor([3.0, 2.0])), torch.relu)
@@ -135,23 +143,31 @@ def decompose_elementwise(value: Decomposition, fn: Callable[[Tensor], Tensor]) 
     if bool(offset != 0):
         share = relevant_share(value.relevant, value.irrelevant)
         relevant = relevant - offset + share * offset
-    return Decomposition(relevant, total)
+    order = (value.total if value.order is None else value.order) if clips else None
+    return Decomposition(relevant, total, order)
 
 
 def decompose_max_pool(
     value: Decomposition, pool_with_indices: Callable[[Tensor], tuple[Tensor, Tensor]]
 ) -> Decomposition:
-    """Max pooling: both parts are read at the positions where the *total* activation is maximal.
+    """Max pooling: both parts are read at the positions where the *total* activation is maximal (ranked by
+    :attr:`Decomposition.order` when a ReLU left ties there, see :func:`decompose_elementwise`).
 
     Args:
         value: the input decomposition, shaped ``(N, C, *spatial)``.
         pool_with_indices: the pooling called with ``return_indices=True`` (any kernel, stride, padding,
             dilation or ceil mode: the indices address the flattened input positions).
     """
-    total, indices = pool_with_indices(value.total)
-    flat_relevant = value.relevant.flatten(2)
-    relevant = flat_relevant.gather(2, indices.flatten(2)).view_as(total)
+    indices = max_pool_indices(value, pool_with_indices)
+    flat = indices.flatten(2)
+    relevant = value.relevant.flatten(2).gather(2, flat).view_as(indices)
+    total = value.total.flatten(2).gather(2, flat).view_as(indices)
     return Decomposition(relevant, total)
+
+
+def max_pool_indices(value: Decomposition, pool_with_indices: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Tensor:
+    """The flattened input positions a max pooling of ``value`` reads (by its order, else its total)."""
+    return pool_with_indices(value.total if value.order is None else value.order)[1]
 
 
 def decompose_product(left: Decomposition, right: Decomposition) -> Decomposition:

@@ -395,3 +395,27 @@ def test_bf16_autocast_keeps_additivity_to_bf16_precision():
         expected = model(x)
     assert torch.isfinite(relevant).all()
     torch.testing.assert_close((relevant + irrelevant).float(), expected.float(), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize(
+    "pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2, padding=1), Lambda(lambda t: F.max_pool2d(t, 2))]
+)
+def test_relu_then_max_pool_decomposes_like_max_pool_then_relu(pool):
+    """ReLU and max pooling commute, so CD must too. On a black background every pre-activation of a window can be
+    negative; reading both parts at whichever zero max pooling picks among ReLU's ties would depend on the tie
+    break. The positions come from the pre-activation instead: those that pooling before the ReLU reads."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 4, 3, padding=1)
+    conv.bias.data.fill_(-0.3)  # most windows of a black background are negative everywhere
+    head = nn.Linear(4 * 4 * 4, 3)  # both poolings give 4 x 4 maps
+    x = torch.zeros(6, 1, 8, 8)
+    x[:, :, 2:6, 3:5] = torch.rand(6, 1, 4, 2)  # a small stroke; the rest is background
+    mask = torch.zeros_like(x)
+    mask[..., 4:, :] = 1.0
+    relu_first = nn.Sequential(conv, nn.ReLU(), pool, nn.Flatten(), head)
+    pool_first = nn.Sequential(conv, pool, nn.ReLU(), nn.Flatten(), head)
+    torch.testing.assert_close(relu_first(x), pool_first(x))
+    dead_windows = (F.max_pool2d(conv(x), 2) <= 0).float().mean()
+    assert dead_windows > 0.5
+    for a, b in zip(contextual_decomposition(relu_first, x, mask), contextual_decomposition(pool_first, x, mask)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
