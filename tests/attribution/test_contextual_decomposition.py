@@ -398,9 +398,12 @@ def test_bf16_autocast_keeps_additivity_to_bf16_precision():
 
 
 @pytest.mark.parametrize(
+    "relu", [nn.ReLU(), Lambda(F.relu), Lambda(torch.relu)], ids=["module", "F.relu", "torch.relu"]
+)
+@pytest.mark.parametrize(
     "pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2, padding=1), Lambda(lambda t: F.max_pool2d(t, 2))]
 )
-def test_relu_then_max_pool_decomposes_like_max_pool_then_relu(pool):
+def test_relu_then_max_pool_decomposes_like_max_pool_then_relu(pool, relu):
     """ReLU and max pooling commute, so CD must too. On a black background every pre-activation of a window can be
     negative; reading both parts at whichever zero max pooling picks among ReLU's ties would depend on the tie
     break. The positions come from the pre-activation instead: those that pooling before the ReLU reads."""
@@ -412,8 +415,8 @@ def test_relu_then_max_pool_decomposes_like_max_pool_then_relu(pool):
     x[:, :, 2:6, 3:5] = torch.rand(6, 1, 4, 2)  # a small stroke; the rest is background
     mask = torch.zeros_like(x)
     mask[..., 4:, :] = 1.0
-    relu_first = nn.Sequential(conv, nn.ReLU(), pool, nn.Flatten(), head)
-    pool_first = nn.Sequential(conv, pool, nn.ReLU(), nn.Flatten(), head)
+    relu_first = nn.Sequential(conv, relu, pool, nn.Flatten(), head)
+    pool_first = nn.Sequential(conv, pool, relu, nn.Flatten(), head)
     torch.testing.assert_close(relu_first(x), pool_first(x))
     dead_windows = (F.max_pool2d(conv(x), 2) <= 0).float().mean()
     assert dead_windows > 0.5
