@@ -326,7 +326,9 @@ def decompose(
     model.eval()
     try:
         padded = tuple(additional_forward_args) + (None,) * (_MAX_EXTRA_ARGS - len(additional_forward_args))
-        with tie_share(input_share):
+        # a constant added where both parts are zero goes to the irrelevant part unless the whole sample is
+        # masked; splitting it by the masked share trained ColorDigits' CDEP worse (validation 17.7 vs 27.4 %)
+        with tie_share((input_share >= 1.0).to(input_share.dtype)):
             output = _CDInterpreter(graph_module).run(start, *padded)
     finally:
         for module, mode in modes.items():

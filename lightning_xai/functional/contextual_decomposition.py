@@ -9,8 +9,8 @@ one call per stream: ``relevant' = f(relevant)`` and ``total' = f(total)``, so
 
 Constants (biases, the offset ``f(0)`` of a nonlinearity) are split between the two parts in proportion
 to ``|relevant|`` and ``|irrelevant|`` of the activation they are added to. Where both parts are exactly
-zero (a dead ReLU patch) that proportion is undefined; the constant is then split by the sample's masked
-share of the input (see :func:`tie_share`), so a zero mask keeps the relevant part exactly zero and a full
+zero (a dead ReLU patch) that proportion is undefined; the constant then goes to the irrelevant part, unless
+the whole sample is masked (see :func:`tie_share`): a zero mask keeps the relevant part exactly zero and a full
 mask keeps the irrelevant part exactly zero.
 
 Everything here is pure torch, batched and differentiable with respect to the parameters.
@@ -60,8 +60,8 @@ _TIE_SHARE: ContextVar[Tensor | None] = ContextVar("cd_tie_share", default=None)
 def tie_share(share: Tensor) -> Iterator[None]:
     """Sets, per sample, the share of a constant that the relevant part gets where both parts are zero.
 
-    :func:`~lightning_xai.attribution.contextual_decomposition` sets it to the masked share of each
-    sample's input magnitude. Applied to activations whose first dimension is the batch.
+    :func:`~lightning_xai.attribution.contextual_decomposition` sets it to 1 for a sample whose whole input is
+    masked and to 0 otherwise. Applied to activations whose first dimension is the batch.
     """
     token = _TIE_SHARE.set(share)
     try:
