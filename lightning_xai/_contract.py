@@ -13,7 +13,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -187,6 +188,31 @@ def is_compiled(module: nn.Module) -> bool:
     return any(
         getattr(m, "_compiled_call_impl", None) is not None or isinstance(m, optimized) for m in module.modules()
     )
+
+
+@contextmanager
+def eval_mode(module: nn.Module | None) -> Iterator[None]:
+    """``module`` in eval mode for the block, each submodule's own train/eval flag restored afterwards (also when the
+    block raises); ``None`` switches nothing.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+        >>> net[0].eval()  # a user's frozen part stays in eval mode afterwards
+        Linear(in_features=2, out_features=2, bias=True)
+        >>> with eval_mode(net):
+        ...     net[1].training
+        False
+        >>> net.training, net[0].training, net[1].training
+        (True, False, True)
+    """
+    modes = {} if module is None else {submodule: submodule.training for submodule in module.modules()}
+    if module is not None:
+        module.eval()
+    try:
+        yield
+    finally:
+        for submodule, mode in modes.items():
+            submodule.training = mode
 
 
 class HookHandles(list):

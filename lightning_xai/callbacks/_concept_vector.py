@@ -22,7 +22,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_xai._contract import LOGITS_KEY, batch_view, named_submodule, require_logits
+from lightning_xai._contract import LOGITS_KEY, batch_view, eval_mode, named_submodule, require_logits
 from lightning_xai._lightning import LightningModule, Trainer, rank_zero_warn
 from lightning_xai.errors import MissingBatchKeyError, XAIConfigurationError
 from lightning_xai.functional._layers import CHANNELS_FIRST_LAYERS, default_map_layer, forward_with_activation
@@ -271,27 +271,21 @@ class ConceptVector:
         layer = self.module(pl_module)
         forward = _forward(pl_module)
         device = _device_of(pl_module)
-        modes = {module: module.training for module in pl_module.modules()}
         artifact: list[Tensor] = []
         clean: list[Tensor] = []
-        pl_module.eval()
-        try:
-            # random transforms of the dataset draw from the global generator: the fit must not change the training
-            with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.no_grad():
-                for index, batch in enumerate(fitting_loader(loader, self.seed)):
-                    if index >= self.cav_batches:
-                        break
-                    pair = self._pair(pl_module, batch, device, trainer)
-                    if pair is None:
-                        continue
-                    _, activation = forward_with_activation(forward, torch.cat(pair), layer, self.owner)
-                    pooled = pooled_features(activation, self.channel_dim).float().cpu()
-                    rows = pair[0].shape[0]
-                    artifact.append(pooled[:rows])
-                    clean.append(pooled[rows:])
-        finally:
-            for module, mode in modes.items():
-                module.training = mode
+        # random transforms of the dataset draw from the global generator: the fit must not change the training
+        with eval_mode(pl_module), torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.no_grad():
+            for index, batch in enumerate(fitting_loader(loader, self.seed)):
+                if index >= self.cav_batches:
+                    break
+                pair = self._pair(pl_module, batch, device, trainer)
+                if pair is None:
+                    continue
+                _, activation = forward_with_activation(forward, torch.cat(pair), layer, self.owner)
+                pooled = pooled_features(activation, self.channel_dim).float().cpu()
+                rows = pair[0].shape[0]
+                artifact.append(pooled[:rows])
+                clean.append(pooled[rows:])
         if not artifact:
             raise XAIConfigurationError(
                 f"{self.owner}: no sample of the first {self.cav_batches} batches has a non-empty mask under "

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_xai._contract import require_logits
+from lightning_xai._contract import eval_mode, require_logits
 from lightning_xai._lightning import LightningModule, Trainer
 from lightning_xai.attribution.methods import attribute
 from lightning_xai.attribution.smooth_surrogate import SmoothOptions, smoothed
@@ -289,13 +289,8 @@ class AttributionMetrics(EpochMetricCallback):
         with torch.inference_mode(False), torch.enable_grad():
             if stage not in self._probes:
                 self._probes[stage] = self._build_probe(trainer, pl_module, stage)
-            modes = {module: module.training for module in pl_module.modules()}
-            pl_module.eval()
-            try:
+            with eval_mode(pl_module):
                 pictures = self._update_metrics(pl_module, self._probes[stage])
-            finally:
-                for module, mode in modes.items():
-                    module.training = mode
             # reset() re-creates the states: outside this block, validate() would make them inference tensors
             values = {}
             for metric_name, metric in self._metrics(pl_module).items():

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from typing_extensions import override
 
+from lightning_xai._contract import eval_mode
 from lightning_xai._lightning import LightningModule, Trainer
 from lightning_xai.attribution.generation import (
     EMBEDDING_SPACE_METHODS,
@@ -230,12 +231,10 @@ class GenerationAttributionReport(EpochMetricCallback):
         metrics: nn.ModuleDict = getattr(pl_module, self._attribute_name)
         rank, world = trainer.global_rank, trainer.world_size
         mine = list(range(rank, len(self.prompts), world))
-        modes = {module: module.training for module in model.modules()}
-        model.eval()
         local: dict[str, list[GenerationAttribution]] = {}
         python_state = random.getstate()
         try:
-            with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            with eval_mode(model), torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
                 random.seed(self.seed)
                 torch.manual_seed(self.seed)
                 # generated once: every method explains the same output
@@ -258,8 +257,6 @@ class GenerationAttributionReport(EpochMetricCallback):
                         metric.reset()
         finally:
             random.setstate(python_state)
-            for module, mode in modes.items():
-                module.training = mode
         self.results = self._gathered(local, mine)
         self.log_values(pl_module, values, stage)
         if self.pictures_due(trainer, stage):

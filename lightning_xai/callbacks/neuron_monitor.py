@@ -12,7 +12,7 @@ from torch.nn.utils import prune
 from torch.utils.data import Dataset, Subset
 from typing_extensions import override
 
-from lightning_xai._contract import named_submodule
+from lightning_xai._contract import eval_mode, named_submodule
 from lightning_xai._lightning import LightningModule, Trainer
 from lightning_xai.callbacks._base import EpochMetricCallback, Stage
 from lightning_xai.callbacks._neuron_pruning import neuron_pruning_method
@@ -290,12 +290,10 @@ class NeuronMonitor(EpochMetricCallback):
         assert isinstance(pl_module, XAIMixin)
         probe = self._probe(trainer, pl_module, stage)
         device = next(iter(pl_module.parameters())).device
-        modes = {module: module.training for module in pl_module.modules()}
         handles = [self._modules[layer].register_forward_hook(self._record(layer)) for layer in self.layers]
-        pl_module.eval()
         try:
             # states made under validate()'s inference mode could not be updated in place later
-            with torch.inference_mode(False), torch.no_grad():
+            with eval_mode(pl_module), torch.inference_mode(False), torch.no_grad():
                 for stats in self._stats.values():
                     stats.reset()
                 for data in probe:
@@ -303,8 +301,6 @@ class NeuronMonitor(EpochMetricCallback):
         finally:
             for handle in handles:
                 handle.remove()
-            for module, mode in modes.items():
-                module.training = mode
             self._features = None
         missing = [layer for layer in self.layers if layer not in self._stats]
         if missing:

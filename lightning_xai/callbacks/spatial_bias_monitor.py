@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_xai._contract import named_submodule
+from lightning_xai._contract import eval_mode, named_submodule
 from lightning_xai._lightning import LightningModule, Trainer, rank_zero_warn
 from lightning_xai.callbacks._base import EpochMetricCallback, Stage
 from lightning_xai.errors import MissingBatchKeyError, UnevenPaddingError, XAIConfigurationError
@@ -297,15 +297,12 @@ class SpatialBiasMonitor(EpochMetricCallback):
             probe = self._probes[stage]
             if probe.is_floating_point() and probe.dim() >= 3:
                 self._check(pl_module, probe.shape[1:])
-            modes = {module: module.training for module in pl_module.modules()}
-            pl_module.eval()
             try:
-                self._update_maps(pl_module, probe)
-                blind_spot = self._blind_spot(pl_module, probe)
+                with eval_mode(pl_module):
+                    self._update_maps(pl_module, probe)
+                    blind_spot = self._blind_spot(pl_module, probe)
             finally:
                 self.remove_hooks()
-                for module, mode in modes.items():
-                    module.training = mode
             maps = {}
             for layer, metric in zip(self._layer_names, self._maps(pl_module).values()):
                 maps[layer] = metric.compute().cpu()  # collective under DDP: every rank computes

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_xai._contract import require_logits
+from lightning_xai._contract import eval_mode, require_logits
 from lightning_xai.errors import XAIConfigurationError
 
 __all__ = [
@@ -139,16 +139,12 @@ def uneven_padding(model: nn.Module, input_shape: Sequence[int]) -> list[UnevenP
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
     finally:
         for hook in hooks:
             hook.remove()
-        for module, mode in modes.items():
-            module.training = mode
     return records
 
 
@@ -353,7 +349,6 @@ def blind_spot_map(
     rows = torch.arange(0, height - h + 1, stride, device=device)
     columns = torch.arange(0, width - w + 1, stride, device=device)
     positions = torch.cartesian_prod(rows, columns)
-    modes = {m: m.training for m in module.modules()} if module is not None else {}
     forward = getattr(model, "xai_forward", model)
 
     def paste(corners: Tensor) -> Tensor:
@@ -366,18 +361,12 @@ def blind_spot_map(
         output = forward(images)
         return torch.softmax(require_logits(output, "blind_spot_map").float(), dim=-1)
 
-    try:
-        if module is not None:
-            module.eval()
-        with torch.no_grad():
-            if target is None:
-                centre = torch.tensor([[(height - h) // 2, (width - w) // 2]])
-                target = int(probabilities(paste(centre)).argmax(-1))
-            scores = [
-                probabilities(paste(positions[start : start + batch_size]))[:, target]
-                for start in range(0, len(positions), batch_size)
-            ]
-    finally:
-        for submodule, mode in modes.items():
-            submodule.training = mode
+    with eval_mode(module), torch.no_grad():
+        if target is None:
+            centre = torch.tensor([[(height - h) // 2, (width - w) // 2]])
+            target = int(probabilities(paste(centre)).argmax(-1))
+        scores = [
+            probabilities(paste(positions[start : start + batch_size]))[:, target]
+            for start in range(0, len(positions), batch_size)
+        ]
     return torch.cat(scores).reshape(len(rows), len(columns)).cpu()

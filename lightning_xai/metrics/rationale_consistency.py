@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.utilities.data import dim_zero_cat
 
+from lightning_xai._contract import eval_mode
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional.consistency import (
     _paired_means,
@@ -153,27 +154,21 @@ class RationaleConsistency(AttributionMetric):
         """
         self._check_required(model=model, explain_fn=explain_fn, mask=mask, target=target)
         other = self._model_b(model)
-        modes = {module: module.training for module in other.modules()}
-        other.eval()
-        try:
-            with torch.inference_mode(False), torch.enable_grad():
-                inputs = inputs.detach().clone()
-                logits, activations_a = layer_activations(model, inputs, self.layers)
-                _, activations_b = layer_activations(other, inputs, self.layers)
-                means_a, means_b = _paired_means(activations_a, activations_b, "RationaleConsistency")
-                if self.classes == "all":
-                    count = num_classes(logits)
-                    saliency_a = explain_classes(explain_fn, model, inputs, count, self.feature_dims)
-                    saliency_b = explain_classes(explain_fn, other, inputs, count, self.feature_dims)
-                else:
-                    target = predicted(logits) if target is None else target.detach().clone().long()
-                    saliency_a = reduce_features(attributions.detach().to(torch.float64), self.feature_dims)
-                    saliency_b = reduce_features(
-                        explain_fn(other, inputs, target).detach().to(torch.float64), self.feature_dims
-                    )
-        finally:
-            for module, mode in modes.items():
-                module.training = mode
+        with eval_mode(other), torch.inference_mode(False), torch.enable_grad():
+            inputs = inputs.detach().clone()
+            logits, activations_a = layer_activations(model, inputs, self.layers)
+            _, activations_b = layer_activations(other, inputs, self.layers)
+            means_a, means_b = _paired_means(activations_a, activations_b, "RationaleConsistency")
+            if self.classes == "all":
+                count = num_classes(logits)
+                saliency_a = explain_classes(explain_fn, model, inputs, count, self.feature_dims)
+                saliency_b = explain_classes(explain_fn, other, inputs, count, self.feature_dims)
+            else:
+                target = predicted(logits) if target is None else target.detach().clone().long()
+                saliency_a = reduce_features(attributions.detach().to(torch.float64), self.feature_dims)
+                saliency_b = reduce_features(
+                    explain_fn(other, inputs, target).detach().to(torch.float64), self.feature_dims
+                )
         self.activation_distances.append(activation_distance(means_a, means_b))
         self.saliency_distances.append(saliency_distance(saliency_a, saliency_b))
 
