@@ -10,6 +10,11 @@ from types import ModuleType
 
 import pytest
 
+# The suite's models are tiny: compiling CD's fused bias-split kernel (seconds per process, and every ddp_spawn
+# worker is a new process) would cost more than it saves. tests/functional/test_cd_kernels.py tests the compiled
+# kernel against this eager one.
+os.environ.setdefault("LIGHTNING_XAI_CD_KERNEL", "eager")
+
 from tests.helpers import LIGHTNING_PACKAGES
 
 # A collective that one rank never enters hangs the other ranks forever. After this long a DDP test has hung: the

@@ -2,7 +2,7 @@
 Captum's methods by name."""
 
 from lightning_xai.attribution._cd_rules import register_cd_rule
-from lightning_xai.attribution.contextual_decomposition import contextual_decomposition, decompose
+from lightning_xai.attribution.contextual_decomposition import contextual_decomposition, decompose, set_cd_kernel
 from lightning_xai.attribution.methods import attribute, available_attribution_methods, register_attribution_method
 from lightning_xai.attribution.smooth_surrogate import LogSumExpPool1d, LogSumExpPool2d, smooth_surrogate, smoothed
 from lightning_xai.attribution.split_integrated_gradients import split_integrated_gradients
@@ -18,6 +18,7 @@ __all__ = [
     "decompose",
     "register_attribution_method",
     "register_cd_rule",
+    "set_cd_kernel",
     "smooth_surrogate",
     "smoothed",
     "split_integrated_gradients",

@@ -134,14 +134,16 @@ def _as_decomposition(value: Any, like: Decomposition) -> Decomposition:
 
 @register_cd_rule(nn.Linear)
 def _linear_module(module: nn.Linear, x: Decomposition) -> Decomposition:
-    return decompose_affine(x, lambda t: F.linear(t, module.weight), module.bias)
+    return decompose_affine(
+        x, lambda t: F.linear(t, module.weight), module.bias, lambda t: F.linear(t, module.weight, module.bias)
+    )
 
 
 @register_cd_rule(F.linear)
 def _linear_function(x: Decomposition, weight: Tensor, bias: Tensor | None = None) -> Decomposition:
     if isinstance(weight, Decomposition):
         raise UnsupportedLayerError("a linear layer whose weight depends on the masked input")
-    return decompose_affine(x, lambda t: F.linear(t, weight), bias)
+    return decompose_affine(x, lambda t: F.linear(t, weight), bias, lambda t: F.linear(t, weight, bias))
 
 
 def _conv_bias(bias: Tensor | None, spatial_dims: int) -> Tensor | None:
@@ -152,13 +154,21 @@ def _conv_bias(bias: Tensor | None, spatial_dims: int) -> Tensor | None:
 def _conv_module(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Decomposition) -> Decomposition:
     spatial_dims = len(module.kernel_size)
     return decompose_affine(
-        x, lambda t: module._conv_forward(t, module.weight, None), _conv_bias(module.bias, spatial_dims)
+        x,
+        lambda t: module._conv_forward(t, module.weight, None),
+        _conv_bias(module.bias, spatial_dims),
+        lambda t: module._conv_forward(t, module.weight, module.bias),
     )
 
 
 def _conv_function(conv: Callable, spatial_dims: int) -> Rule:
     def rule(x: Decomposition, weight: Tensor, bias: Tensor | None = None, *args: Any, **kwargs: Any) -> Decomposition:
-        return decompose_affine(x, lambda t: conv(t, weight, None, *args, **kwargs), _conv_bias(bias, spatial_dims))
+        return decompose_affine(
+            x,
+            lambda t: conv(t, weight, None, *args, **kwargs),
+            _conv_bias(bias, spatial_dims),
+            lambda t: conv(t, weight, bias, *args, **kwargs),
+        )
 
     return rule
 

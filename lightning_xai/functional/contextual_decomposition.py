@@ -18,10 +18,13 @@ Everything here is pure torch, batched and differentiable with respect to the pa
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -94,6 +97,132 @@ def relevant_share(relevant: Tensor, irrelevant: Tensor) -> Tensor:
     return share.to(relevant.dtype)
 
 
+def _tie_for(like: Tensor) -> Tensor | None:
+    """The current :func:`tie_share`, shaped to broadcast against ``like``; ``None`` when it is zero for all."""
+    tie = _TIE_SHARE.get()
+    if tie is None or like.dim() < 1 or like.shape[0] != tie.shape[0] or not bool(tie.any()):
+        return None
+    return tie.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def _split_forward(relevant: Tensor, total: Tensor, constant: Tensor, tie: Tensor) -> Tensor:
+    # streams (N, C, L), constant (1, C, 1), tie (N, 1, 1): one layout for every layer, so one compiled kernel.
+    # `total` already includes the constant (the layer added its bias itself), so irrelevant = total - c - relevant
+    magnitude = relevant.abs()
+    denominator = (total - constant - relevant).abs() + magnitude
+    share = torch.where(denominator > 0, magnitude / denominator.clamp_min(1e-12), tie)
+    return relevant + share * constant
+
+
+def _split_backward(
+    relevant: Tensor, total: Tensor, constant: Tensor, tie: Tensor, grad: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    # with D = |r| + |i| and s = |r| / D: ds/dr = (sgn(r) |i| + sgn(i) |r|) / D^2, ds/dt = -sgn(i) |r| / D^2 and
+    # ds/dc = -ds/dt; where D = 0 both signs are 0, so the gradient through the share vanishes like torch.where's
+    irrelevant = total - constant - relevant
+    magnitude = relevant.abs()
+    denominator = irrelevant.abs() + magnitude
+    clamped = denominator.clamp_min(1e-12)
+    share = magnitude / clamped
+    scaled = grad * constant / clamped
+    grad_total = -scaled * share * torch.sign(irrelevant)
+    grad_relevant = grad + scaled * torch.sign(relevant) * (1 - share) - grad_total
+    grad_constant = (grad * torch.where(denominator > 0, share, tie) - grad_total).sum((0, 2), keepdim=True)
+    return grad_relevant, grad_total, grad_constant
+
+
+class _SplitKernels:
+    """The bias split's forward and backward, eager or fused by ``torch.compile`` into one pass each.
+
+    The split is about eight elementwise operations on a full-size activation, forward and again backward; in
+    eager mode each allocates a temporary, and on CPU those temporaries (over the allocator's threshold) are
+    returned to the system and faulted back in every step, which made CDEP's cost grow faster than the batch.
+    One fused kernel reads the two streams and writes one result. Compiling takes seconds once per process
+    (then inductor's disk cache), so ``"auto"`` compiles only for activations of at least ``min_numel`` elements.
+    """
+
+    modes = ("auto", "compiled", "eager")
+
+    def __init__(self, mode: str = "auto", min_numel: int = 1 << 16) -> None:
+        self.mode = "auto"
+        self.set_mode(mode)
+        self.min_numel = min_numel
+        self._compiled: tuple[Callable, Callable] | None = None
+        self._failed = False
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in self.modes:
+            raise ValueError(f"the CD kernel mode must be one of {self.modes}, got {mode!r}.")
+        self.mode = mode
+
+    def for_activation(self, relevant: Tensor) -> tuple[Callable, Callable]:
+        wanted = self.mode == "compiled" or (self.mode == "auto" and relevant.numel() >= self.min_numel)
+        if wanted and not self._failed and not torch.compiler.is_compiling():
+            if self._compiled is None:
+                self._compiled = (
+                    torch.compile(_split_forward, dynamic=True, fullgraph=True),
+                    torch.compile(_split_backward, dynamic=True, fullgraph=True),
+                )
+            return self._compiled
+        return _split_forward, _split_backward
+
+    def fall_back(self, error: Exception) -> None:
+        self._failed = True
+        warnings.warn(
+            f"contextual decomposition could not compile its fused bias-split kernel ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); it runs the eager kernel instead (same values, "
+            "slower). A C++ compiler (or Triton on CUDA) is what torch.compile needs; "
+            "lightning_xai.attribution.set_cd_kernel('eager') silences this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+SPLIT_KERNELS = _SplitKernels(os.environ.get("LIGHTNING_XAI_CD_KERNEL", "auto"))
+
+
+def _run_kernel(which: int, relevant: Tensor, *args: Tensor) -> Any:
+    kernel = SPLIT_KERNELS.for_activation(relevant)[which]
+    if kernel is (_split_forward, _split_backward)[which]:
+        return kernel(relevant, *args)
+    try:
+        return kernel(relevant, *args)
+    except Exception as error:  # inductor failing to build (no compiler) must not stop training
+        SPLIT_KERNELS.fall_back(error)
+        return (_split_forward, _split_backward)[which](relevant, *args)
+
+
+class _SplitConstant(torch.autograd.Function):
+    """``relevant + share(relevant, total - constant - relevant) * constant`` for a per-channel constant (a bias)
+    already added to ``total``.
+
+    The streams arrive as ``(N, C, L)`` and the constant as ``(1, C, 1)``, so that one compiled kernel serves every
+    layer. Saves only the two streams it was given (autograd would save about eight temporaries per layer).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, relevant: Tensor, total: Tensor, constant: Tensor, tie: Tensor) -> Tensor:
+        ctx.save_for_backward(relevant, total, constant, tie)
+        return _run_kernel(0, relevant, total, constant, tie)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        relevant, total, constant, tie = ctx.saved_tensors
+        grad_relevant, grad_total, grad_constant = _run_kernel(1, relevant, total, constant, tie, grad.contiguous())
+        return grad_relevant, grad_total, grad_constant, None
+
+
+def _channel_layout(constant: Tensor, like: Tensor) -> int | None:
+    """The number of channels when ``constant`` is a per-channel bias of ``like`` (``(C,)`` or ``(C, 1, ..)``)."""
+    if like.dim() < 2 or constant.dim() > like.dim() - 1 or constant.dim() == 0:
+        return None
+    if constant.dim() == like.dim() - 1 and constant.shape[1:].numel() == 1 and constant.shape[0] == like.shape[1]:
+        return constant.shape[0]
+    if constant.dim() == 1 and like.dim() == 2 and constant.shape[0] == like.shape[1]:
+        return constant.shape[0]
+    return None
+
+
 def add_constant(value: Decomposition, constant: Tensor | float) -> Decomposition:
     """Adds a constant (a bias) and splits it in proportion to the magnitudes of the two parts.
 
@@ -102,23 +231,46 @@ def add_constant(value: Decomposition, constant: Tensor | float) -> Decompositio
         >>> d.relevant, d.total
         (tensor([3., 0.]), tensor([6., 5.]))
     """
-    share = relevant_share(value.relevant, value.irrelevant)
-    return Decomposition(value.relevant + share * constant, value.total + constant)
+    return _split_added_constant(value.relevant, value.total + constant, constant)
 
 
-def decompose_affine(value: Decomposition, linear: Callable[[Tensor], Tensor], bias: Tensor | None) -> Decomposition:
+def _split_added_constant(relevant: Tensor, total: Tensor, constant: Tensor | float) -> Decomposition:
+    """The decomposition after a constant was added: ``total`` includes it, ``relevant`` does not yet."""
+    channels = _channel_layout(constant, relevant) if isinstance(constant, Tensor) else None
+    # half precision keeps the widened generic path: 1e-12 underflows in float16
+    if channels is None or relevant.dtype == torch.float16 or relevant.shape != total.shape:
+        share = relevant_share(relevant, total - constant - relevant)
+        return Decomposition(relevant + share * constant, total)
+    n = relevant.shape[0]
+    tie = _tie_for(relevant)
+    tie = relevant.new_zeros(n, 1, 1) if tie is None else tie.reshape(n, 1, 1)
+    layout = (n, channels, -1)
+    split = _SplitConstant.apply(
+        relevant.reshape(layout), total.reshape(layout), constant.to(relevant.dtype).reshape(1, channels, 1), tie
+    )
+    return Decomposition(split.view_as(relevant), total)
+
+
+def decompose_affine(
+    value: Decomposition,
+    linear: Callable[[Tensor], Tensor],
+    bias: Tensor | None,
+    biased: Callable[[Tensor], Tensor] | None = None,
+) -> Decomposition:
     """An affine layer ``linear(x) + bias``: the linear map is applied to each stream, the bias is split.
 
     Args:
         value: the input decomposition.
         linear: the layer without its bias (``F.linear(x, W)``, ``conv(x, W, None)``, a BatchNorm scale).
         bias: the bias, already shaped to broadcast against the output, or ``None``.
+        biased: the layer with its bias (``F.linear(x, W, b)``), for the total stream: the bias is added inside the
+            layer's own kernel instead of in a separate pass over the activation.
     """
     relevant = linear(value.relevant)
-    total = linear(value.total)
     if bias is None:
-        return Decomposition(relevant, total)
-    return add_constant(Decomposition(relevant, total), bias)
+        return Decomposition(relevant, linear(value.total))
+    total = biased(value.total) if biased is not None else linear(value.total) + bias
+    return _split_added_constant(relevant, total, bias)
 
 
 def decompose_elementwise(value: Decomposition, fn: Callable[[Tensor], Tensor], clips: bool = False) -> Decomposition:
