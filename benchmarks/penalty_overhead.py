@@ -7,6 +7,9 @@ inputs (batch 256) and the CDEP paper's SST classifier size: Embedding(300) + LS
 Interference on a shared machine only ever slows a run down, so every configuration is measured in
 ``--rounds`` interleaved rounds and its fastest median is kept.
 
+Rows "<method> (finite difference)" train with ``differentiation="finite_difference"``: the exact penalty value with
+a finite-difference parameter gradient (benchmarks/finite_difference_agreement.py measures its accuracy).
+
 Composition rows: CDEP next to a hook on a submodule (a user's hook, as a concept head or an ``output_layer`` capture
 installs) cannot share the step's forward and decomposes on its own; the row next to it shows that cost, and
 "cdep + control head" a realistic pair.
@@ -57,7 +60,13 @@ TARGETS = {
     "hint": 3.0,
     # third order: the double backward of a parameter gradient
     "rbr": 6.0,
+    # differentiation="finite_difference": a first-order input gradient and one shifted forward (and its backward)
+    # instead of the double backward
+    "rrr (finite difference)": 2.0,
+    "input_x_gradient (finite difference)": 2.0,
+    "expected_gradients (finite difference)": 3.0,
 }
+FINITE_DIFFERENCE = ("rrr", "input_x_gradient", "expected_gradients")
 
 
 class LSTMClassifier(XAIMixin, pl.LightningModule):
@@ -127,6 +136,15 @@ def _median_step(model_factory, batch, callbacks, steps: int) -> float:
     return statistics.median(timer.durations[2:])
 
 
+def _finite_difference_rows() -> dict:
+    return {
+        f"{method} (finite difference)": lambda method=method: ExplanationPenalty(
+            method=method, differentiation="finite_difference"
+        )
+        for method in FINITE_DIFFERENCE
+    }
+
+
 def _as_list(callbacks) -> list:
     return callbacks if isinstance(callbacks, list) else [callbacks]
 
@@ -136,6 +154,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", nargs="+", choices=["cnn", "lstm"], default=["cnn", "lstm"])
+    parser.add_argument(
+        "--only", nargs="+", help="time only these methods (and their variants, e.g. 'rrr (finite difference)')"
+    )
     args = parser.parse_args()
     console = Console(width=120)
     generator = torch.Generator().manual_seed(0)
@@ -167,6 +188,7 @@ def main() -> None:
                 "hint": lambda: ExplanationPenalty(method="hint"),
                 "rbr": lambda: ExplanationPenalty(method="rbr"),
                 "counterexamples": lambda: ExplanationPenalty(method="counterexamples"),
+                **_finite_difference_rows(),
                 "vanilla + submodule hook": lambda: [_SubmoduleHook()],
                 "cdep + submodule hook (own decomposition)": lambda: [ExplanationPenalty("cdep"), _SubmoduleHook()],
                 "control head": lambda: ControlConceptHead("features", "target", 10),
@@ -188,6 +210,7 @@ def main() -> None:
                 "ablation": lambda: ExplanationPenalty(method="ablation"),
                 "rrr_gradcam": lambda: ExplanationPenalty(method="rrr_gradcam", layer="lstm"),
                 "counterexamples": lambda: ExplanationPenalty(method="counterexamples"),
+                **_finite_difference_rows(),
             },
         ),
     ]
@@ -198,6 +221,8 @@ def main() -> None:
         if factory is LSTMClassifier:
             configurations.append((title, "vanilla, native unfused LSTM", factory, batch, lambda: [], True))
         for label, make in penalties.items():
+            if args.only and not any(label == name or label.startswith(f"{name} (") for name in args.only):
+                continue
             configurations.append((title, label, factory, batch, lambda make=make: _as_list(make()), False))
     fastest: dict[tuple[str, str], float] = {}
     for _ in range(args.rounds):
@@ -215,7 +240,7 @@ def main() -> None:
     previous_title = None
     for title, label, *_ in configurations:
         seconds, vanilla = fastest[(title, label)], fastest[(title, "vanilla")]
-        target = None if "+" in label else TARGETS.get(label.split(" ")[0])
+        target = None if "+" in label else TARGETS.get(label, TARGETS.get(label.split(" ")[0]))
         table.add_row(
             title if title != previous_title else "",
             label,

@@ -52,6 +52,10 @@ warnings.filterwarnings("ignore", message=r".*(LeafSpec|log_every_n_steps|does n
 METHODS: dict[str, Callable[[float, int], list[pl.Callback]]] = {
     "vanilla": lambda weight, seed: [],
     "rrr": lambda weight, seed: [ExplanationPenalty("rrr", weight=weight, seed=seed)],
+    # RRR's first-order variant: the same penalty, a finite-difference parameter gradient, no double backward
+    "rrr_finite_difference": lambda weight, seed: [
+        ExplanationPenalty("rrr", weight=weight, seed=seed, differentiation="finite_difference")
+    ],
     "rrr_gradcam": lambda weight, seed: [ExplanationPenalty("rrr_gradcam", weight=weight, seed=seed)],
     "hint": lambda weight, seed: [ExplanationPenalty("hint", weight=weight, relevant_key="relevant", seed=seed)],
     "rbr": lambda weight, seed: [ExplanationPenalty("rbr", weight=weight, seed=seed)],
@@ -64,6 +68,7 @@ CEILING = "no decoy"
 #: the weights tried on validation (seed 0), per method: the ends and the middle of each documented range
 WEIGHT_GRIDS: dict[str, tuple[float, ...]] = {
     "rrr": (1.0, 10.0, 100.0),
+    "rrr_finite_difference": (1.0, 10.0, 100.0),
     "rrr_gradcam": (0.01, 0.1, 1.0),
     "hint": (0.001, 0.01, 0.1),
     "rbr": (1e3, 1e5),

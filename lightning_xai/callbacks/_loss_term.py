@@ -65,6 +65,8 @@ class LossTerm(XAICallback):
     reuses_step_forward: bool = False
     #: ... and differentiates them with respect to the step's inputs (the inputs then require grad in the step)
     differentiates_step_inputs: bool = False
+    #: ... twice (a double backward): the step's attention then runs on the math SDPA kernel
+    differentiates_step_twice: bool = False
 
     def __init__(
         self,

@@ -21,8 +21,11 @@ from lightning_xai.errors import MaskShapeError, XAIConfigurationError
 from lightning_xai.functional._layers import default_map_layer
 from lightning_xai.functional._masks import broadcast_mask
 from lightning_xai.functional.penalties import (
+    DIFFERENTIATIONS,
     AblationMeasure,
+    Branches,
     CDEPVariant,
+    Differentiation,
     Norm,
     ablation_penalty,
     cdep_penalty,
@@ -121,7 +124,11 @@ def _rnn_without_onednn(module: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _penalty_forward(module: nn.Module) -> Iterator[None]:
+def _penalty_forward(module: nn.Module, double_backward: bool = True) -> Iterator[None]:
+    if not double_backward:  # first-order: any attention kernel, the fused RNN
+        with _batch_norm_in_eval(module):
+            yield
+        return
     with _batch_norm_in_eval(module), _rnn_without_onednn(module), math_attention():
         yield
 
@@ -177,7 +184,19 @@ class _Job:
         # an input-gradient method needs logits computed from inputs that require grad
         if PENALTY_METHODS[self.penalty.method].double_backward and not self.inputs.requires_grad:
             return None
+        # a finite difference compares them with a penalty forward: both must compute one function (no dropout
+        # mask it cannot replay, no batch statistics where the penalty's forward uses running ones), on the
+        # branches the step recorded
+        if not self.penalty.needs_double_backward and (
+            self.branches is None or not _same_in_train_and_eval(self.module)  # type: ignore[arg-type]
+        ):
+            return None
         return captured
+
+    @property
+    def branches(self) -> Branches | None:
+        """The ReLU / max-pooling branches of the step's forward (``differentiation="finite_difference"``)."""
+        return self.context.cache.get(self.penalty.branches_key)
 
 
 def _cdep_term(job: _Job) -> Tensor:
@@ -202,16 +221,22 @@ def _cdep_term(job: _Job) -> Tensor:
 
 def _rrr_term(job: _Job) -> Tensor:
     explained, forward = job.differentiated()
-    with _penalty_forward(job.module):  # type: ignore[arg-type]
+    with _penalty_forward(job.module, job.penalty.needs_double_backward):  # type: ignore[arg-type]
         return rrr_penalty(
-            forward, explained, job.mask, outputs=job.reused_logits(explained), sample_weights=job.sample_weights
+            forward,
+            explained,
+            job.mask,
+            outputs=job.reused_logits(explained),
+            sample_weights=job.sample_weights,
+            differentiation=job.penalty.differentiation,
+            branches=job.branches,
         )
 
 
 def _input_x_gradient_term(job: _Job) -> Tensor:
     target = job.target(required=True)
     explained, forward = job.differentiated()
-    with _penalty_forward(job.module):  # type: ignore[arg-type]
+    with _penalty_forward(job.module, job.penalty.needs_double_backward):  # type: ignore[arg-type]
         return input_x_gradient_penalty(
             forward,
             explained,
@@ -220,6 +245,8 @@ def _input_x_gradient_term(job: _Job) -> Tensor:
             outputs=job.reused_logits(explained),
             norm=job.penalty.norm,
             sample_weights=job.sample_weights,
+            differentiation=job.penalty.differentiation,
+            branches=job.branches,
         )
 
 
@@ -234,7 +261,7 @@ def _expected_gradients_term(job: _Job) -> Tensor:
     generator = penalty.random.for_rank(trainer.global_rank, trainer.world_size)
     references = penalty.references(explained, job.n, generator)
     penalty.remember(explained[: job.n])
-    with _penalty_forward(job.module):  # type: ignore[arg-type]
+    with _penalty_forward(job.module, penalty.needs_double_backward):  # type: ignore[arg-type]
         return expected_gradients_penalty(
             forward,
             explained,
@@ -245,6 +272,7 @@ def _expected_gradients_term(job: _Job) -> Tensor:
             norm=penalty.norm,
             sample_weights=job.sample_weights,
             generator=generator,
+            differentiation=penalty.differentiation,
         )
 
 
@@ -320,15 +348,25 @@ class _PenaltyMethod:
     reuses_step_forward: bool = False
     #: reads a map at a named layer (``layer=``)
     needs_layer: bool = False
+    #: its parameter gradient can also come from a finite difference (``differentiation="finite_difference"``)
+    first_order: bool = False
 
 
 PENALTY_METHODS: dict[str, _PenaltyMethod] = {
     "cdep": _PenaltyMethod(_cdep_term, double_backward=False, weight_range=(1.0, 100.0)),
-    "rrr": _PenaltyMethod(_rrr_term, double_backward=True, weight_range=(1.0, 1000.0), reuses_step_forward=True),
-    "input_x_gradient": _PenaltyMethod(
-        _input_x_gradient_term, double_backward=True, weight_range=(10.0, 1000.0), reuses_step_forward=True
+    "rrr": _PenaltyMethod(
+        _rrr_term, double_backward=True, weight_range=(1.0, 1000.0), reuses_step_forward=True, first_order=True
     ),
-    "expected_gradients": _PenaltyMethod(_expected_gradients_term, double_backward=True, weight_range=(1.0, 100.0)),
+    "input_x_gradient": _PenaltyMethod(
+        _input_x_gradient_term,
+        double_backward=True,
+        weight_range=(10.0, 1000.0),
+        reuses_step_forward=True,
+        first_order=True,
+    ),
+    "expected_gradients": _PenaltyMethod(
+        _expected_gradients_term, double_backward=True, weight_range=(1.0, 100.0), first_order=True
+    ),
     "ablation": _PenaltyMethod(
         _ablation_term, double_backward=False, weight_range=(1.0, 10.0), reuses_step_forward=True
     ),
@@ -406,18 +444,25 @@ class ExplanationPenalty(LossTerm):
             loss still uses the model itself. Only for the input-gradient methods (``rrr``, ``input_x_gradient``,
             ``expected_gradients``, ``rrr_gradcam``, ``hint``, ``rbr``); costs one forward more for the methods
             that otherwise reuse the step's forward. The default name becomes ``<method>_surrogate``.
+        differentiation: for ``rrr``, ``input_x_gradient`` and ``expected_gradients``: ``"double_backward"``
+            (exact) or ``"finite_difference"``: the exact penalty value with a first-order, finite-difference
+            parameter gradient (relative error about 1e-3), which needs no double backward, so it trains
+            ``torch.compile``d modules and keeps the fused attention kernels (see
+            :data:`~lightning_xai.functional.penalties.DIFFERENTIATIONS`).
 
     Composition: CDEP runs the step's forward through the decomposition only when nothing observes the
     submodules (no forward hooks from other callbacks or the user, no old-style weight/spectral norm); otherwise
     it decomposes separately and every hook fires as usual. The gradient methods run their forwards with the
-    math attention kernel (the one with a double backward) and refuse ``torch.compile`` in ``setup``; CDEP
-    trains compiled modules, decomposing the uncompiled module.
+    math attention kernel (the one with a double backward) and refuse ``torch.compile`` in ``setup``, unless
+    ``differentiation="finite_difference"``; CDEP trains compiled modules, decomposing the uncompiled module.
 
     Examples:
         >>> import pytorch_lightning as pl
         >>> penalty = ExplanationPenalty(method="rrr", weight=10.0, mask_key="mask")
         >>> penalty.term_name, penalty.state_key
         ('rrr', "ExplanationPenalty{'name': 'rrr'}")
+        >>> ExplanationPenalty(method="rrr", differentiation="finite_difference").needs_double_backward
+        False
     """
 
     def __init__(
@@ -440,12 +485,25 @@ class ExplanationPenalty(LossTerm):
         layer: str | None = None,
         relevant_key: str | None = None,
         surrogate: Mapping[str, float | None] | None = None,
+        differentiation: Differentiation = "double_backward",
     ) -> None:
         if method not in PENALTY_METHODS:
             raise XAIConfigurationError(
                 f"ExplanationPenalty: method must be one of {tuple(PENALTY_METHODS)}, got {method!r}."
             )
         where = f"ExplanationPenalty(method={method!r})"
+        if differentiation not in DIFFERENTIATIONS:
+            raise XAIConfigurationError(
+                f"{where}: differentiation must be one of {tuple(DIFFERENTIATIONS)}, got {differentiation!r}."
+            )
+        if not DIFFERENTIATIONS[differentiation].double_backward and not PENALTY_METHODS[method].first_order:
+            first_order = [name for name, entry in PENALTY_METHODS.items() if entry.first_order]
+            raise XAIConfigurationError(
+                f"{where}: differentiation={differentiation!r} replaces the double backward of the input-gradient "
+                f"penalties {first_order}; this method has none to replace. Drop differentiation=."
+            )
+        #: how the input-gradient penalty gets its parameter gradient (see :data:`DIFFERENTIATIONS`)
+        self.differentiation: Differentiation = differentiation
         #: smoothing of the penalty's forward (None: the model itself), see :func:`lightning_xai.attribution.smoothed`
         self.surrogate = None if surrogate is None else SmoothOptions.from_mapping(surrogate, where)
         if self.surrogate is not None and not PENALTY_METHODS[method].double_backward:
@@ -501,11 +559,21 @@ class ExplanationPenalty(LossTerm):
             PENALTY_METHODS[method].reuses_step_forward and mask_sampler is None and self.surrogate is None
         )
         self.differentiates_step_inputs = self.reuses_step_forward and PENALTY_METHODS[method].double_backward
+        self.differentiates_step_twice = self.differentiates_step_inputs and self.needs_double_backward
         #: steps on which CDEP's decomposition doubled as the step's forward pass
         self.steps_sharing_forward = 0
         self._shares_forward = False
         #: the last explained samples: Expected-Gradients references for a batch of one sample
         self.reference_bank: Tensor | None = None
+
+    @property
+    def needs_double_backward(self) -> bool:
+        """Whether the penalty builds a double backward (then no torch.compile, and attention on the math kernel)."""
+        return PENALTY_METHODS[self.method].double_backward and DIFFERENTIATIONS[self.differentiation].double_backward
+
+    @property
+    def branches_key(self) -> tuple[int, str]:
+        return (id(self), "branches")
 
     def default_name(self) -> str:
         return self.method if self.surrogate is None else f"{self.method}_surrogate"
@@ -531,18 +599,20 @@ class ExplanationPenalty(LossTerm):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         method = PENALTY_METHODS[self.method]
-        if any(isinstance(m, nn.RNNBase) for m in pl_module.modules()):
+        if self.needs_double_backward and any(isinstance(m, nn.RNNBase) for m in pl_module.modules()):
             # The step's forward runs the fused oneDNN RNN, whose double backward is slow: a penalty forward
             # of its own on the native kernel is cheaper than reusing it.
             self.reuses_step_forward = False
             self.differentiates_step_inputs = False
-        if method.double_backward and is_compiled(pl_module):
+            self.differentiates_step_twice = False
+        if self.needs_double_backward and is_compiled(pl_module):
             raise XAIConfigurationError(
                 f"{self.where} differentiates input gradients (a double backward), which torch.compile does not "
-                "support. Train the uncompiled module (compile a copy for inference), or use method='cdep', which "
-                "trains compiled modules."
+                "support. Train the uncompiled module (compile a copy for inference), use "
+                "differentiation='finite_difference' (first order), or use method='cdep', which trains compiled "
+                "modules."
             )
-        if method.double_backward:
+        if self.needs_double_backward:
             for path, module in pl_module.named_modules():
                 attention = getattr(getattr(module, "config", None), "_attn_implementation", None)
                 if attention in _NO_DOUBLE_BACKWARD_ATTENTION:
@@ -551,7 +621,8 @@ class ExplanationPenalty(LossTerm):
                         f"attn_implementation={attention!r}, whose kernels have no double backward. Build the "
                         "model with attn_implementation='sdpa' or 'eager' (from_pretrained(..., "
                         "attn_implementation='sdpa') or config._attn_implementation = 'sdpa'); the penalty runs "
-                        "SDPA on its math kernel."
+                        "SDPA on its math kernel. Or use differentiation='finite_difference', which needs no double "
+                        "backward."
                     )
         if method.needs_layer:
             path = self.layer if self.layer is not None else default_map_layer(pl_module, self.where)
@@ -605,7 +676,12 @@ class ExplanationPenalty(LossTerm):
         When the network behaves the same in train and eval mode and nothing observes its submodules, the
         decomposition's total stream *is* the step's forward pass: the task loss and the penalty then share one
         forward and one backward, and CDEP costs one extra (relevant) stream instead of two.
+
+        For a finite difference that reuses the step's logits, records the ReLU and max-pooling branches of the
+        step's forward (:class:`~lightning_xai.functional.penalties.Branches`) for the shifted forward to replay.
         """
+        if self.reuses_step_forward and not self.needs_double_backward:
+            self._record_step_branches(pl_module, context)
         if not self._shares_forward:
             return
         inputs = context.data.get("input")
@@ -635,6 +711,34 @@ class ExplanationPenalty(LossTerm):
             )
             context.cache[key] = decomposition
             return decomposition.total
+
+        pl_module.forward = forward  # type: ignore[method-assign]
+
+        def restore() -> None:
+            if pl_module.__dict__.get("forward") is forward:
+                del pl_module.forward
+            else:  # another term wrapped ours: put the original back underneath it
+                pl_module.forward = original_forward  # type: ignore[method-assign]
+
+        context.hooks.append(restore)
+
+    def _record_step_branches(self, pl_module: XAIMixin, context: StepContext) -> None:
+        inputs = context.data.get("input")
+        # token ids are embedded anew by the penalty; a compiled forward is not wrapped: the penalty runs its own
+        if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or is_compiled(pl_module):  # type: ignore[arg-type]
+            return
+        key = self.branches_key
+        context.capture_keys.add(key)
+        original_forward = pl_module.forward  # type: ignore[attr-defined]
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if key in context.cache or not args or args[0] is not inputs:
+                return original_forward(*args, **kwargs)
+            branches = Branches()
+            with branches:
+                output = original_forward(*args, **kwargs)
+            context.cache[key] = branches
+            return output
 
         pl_module.forward = forward  # type: ignore[method-assign]
 

@@ -592,3 +592,96 @@ def test_reusing_the_step_forward_makes_inputs_require_grad_only_for_input_gradi
     trainer(max_steps=1, callbacks=[penalty]).fit(Recording(), loader(DictDataset(input=x, target=y, mask=mask), 8))
     assert seen[0] is input_grad  # the step's own forward
     assert len(seen) == (2 if method == "ablation" else 1)  # ablation: its ablated batch; rrr: nothing more
+
+
+# ------------------------------------------------------------------------ differentiation="finite_difference"
+
+
+class _StepGradient(pl.Callback):
+    """The parameter gradient of the first step (task loss plus penalty)."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if not hasattr(self, "flat"):
+            self.flat = torch.cat([p.grad.flatten() for p in pl_module.parameters() if p.grad is not None])
+
+
+def _first_step(model, data, steps=1, **options):
+    penalty, probe = ExplanationPenalty(**options), _StepGradient()
+    run = trainer(max_steps=steps, callbacks=[penalty, probe])
+    run.fit(model, data)
+    return probe.flat, run.callback_metrics[f"xai/{penalty.term_name}_step"].item(), penalty
+
+
+def _cnn_data():
+    from tests.callbacks.test_composition import cnn_batch
+
+    return loader(cnn_batch(16), 16)
+
+
+FD_MODELS = {
+    # ReLU and max pooling, the step's logits reused (its branches recorded for the shifted forward)
+    "cnn": (lambda: SmallCNN(channels=1, size=8, classes=3), _cnn_data, {"weight": 3.0}),
+    # the gradient is taken with respect to the token embeddings, which depend on the parameters too
+    "lstm": (LSTMTextClassifier, lambda: _text_loader(16, 16)[0], {"weight": 1000.0, "mask_key": "rationale"}),
+}
+
+
+@pytest.mark.parametrize("model_kind", sorted(FD_MODELS))
+@pytest.mark.parametrize("method", ["rrr", "input_x_gradient", "expected_gradients"])
+def test_finite_difference_step_follows_the_double_backward_step(method, model_kind):
+    make_model, make_data, options = FD_MODELS[model_kind]
+    results = {}
+    for differentiation in ("double_backward", "finite_difference"):
+        torch.manual_seed(0)
+        results[differentiation] = _first_step(
+            make_model(), make_data(), method=method, differentiation=differentiation, **options
+        )
+    (exact, exact_value, _), (estimate, value, penalty) = results["double_backward"], results["finite_difference"]
+    assert value == pytest.approx(exact_value, rel=1e-5)
+    assert F.cosine_similarity(estimate, exact, dim=0) > 0.9999
+    assert (estimate - exact).norm() / exact.norm() < 5e-3
+    assert not penalty.differentiates_step_twice
+
+
+def test_finite_difference_trains_a_compiled_module_as_the_double_backward_trains_the_eager_one():
+    # aot_eager: inductor (g++ is there) gives the same numbers, checked by hand, but compiles for a minute on CPU
+    from tests.callbacks.test_kernels_and_batches import COMPILE_STYLES
+
+    torch.manual_seed(0)
+    exact, exact_value, _ = _first_step(SmallCNN(channels=1, size=8, classes=3), _cnn_data(), method="rrr")
+    torch.manual_seed(0)
+    compiled = COMPILE_STYLES["torch.compile(model)"](SmallCNN(channels=1, size=8, classes=3))
+    estimate, value, _ = _first_step(compiled, _cnn_data(), steps=2, method="rrr", differentiation="finite_difference")
+    assert value > 0  # the second step's value: the first one's gradient is compared
+    assert (estimate - exact).norm() / exact.norm() < 5e-3
+
+
+def test_finite_difference_runs_attention_on_the_fused_kernels(monkeypatch):
+    from lightning_xai import mixin
+    from lightning_xai.callbacks import explanation_penalty
+    from tests.callbacks.test_kernels_and_batches import AttentionClassifierBody
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 5, 8, generator=g), torch.randint(0, 2, (8,), generator=g)
+    mask = torch.zeros(8, 5, 8)
+    mask[:, 1] = 1
+    data = loader(DictDataset(input=x, target=y, mask=mask), 8)
+    exact, exact_value, _ = _first_step(bind(AttentionClassifierBody)(), data, method="rrr")
+
+    def refuse():
+        raise AssertionError("the math attention kernel was forced")
+
+    for module in (mixin, explanation_penalty):
+        monkeypatch.setattr(module, "math_attention", refuse)
+    estimate, value, _ = _first_step(
+        bind(AttentionClassifierBody)(), data, method="rrr", differentiation="finite_difference"
+    )
+    assert value == pytest.approx(exact_value, rel=1e-4)
+    assert (estimate - exact).norm() / exact.norm() < 1e-2
+
+
+def test_bad_differentiation_is_refused_with_the_choices():
+    with pytest.raises(XAIConfigurationError, match=r"differentiation must be one of \('double_backward', 'finite"):
+        ExplanationPenalty(method="rrr", differentiation="foo")
+    with pytest.raises(XAIConfigurationError, match=r"'finite_difference'.*\['rrr', 'input_x_gradient', 'expected"):
+        ExplanationPenalty(method="cdep", differentiation="finite_difference")
