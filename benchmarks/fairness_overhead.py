@@ -7,9 +7,10 @@ reads the step's own logits, so its physical minimum is one small matrix product
 (cells x classes) operations; a concept head costs its own linear layer.
 
 Every configuration is measured in ``--rounds`` interleaved rounds; the fastest median step is kept
-(interference on a shared machine only slows a run down).
+(interference on a shared machine only slows a run down). Besides the ratio, each row reports what the term adds
+to a step in milliseconds: on the MLP that is the fixed cost the term pays whatever the model's size.
 
-    python benchmarks/fairness_overhead.py [--steps 30] [--rounds 3]
+    python benchmarks/fairness_overhead.py [--steps 30] [--rounds 3] [--only adult|cnn]
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", choices=["adult", "cnn"], help="measure one of the two models")
     args = parser.parse_args()
     console = Console(width=120)
     g = torch.Generator().manual_seed(0)
@@ -69,6 +71,7 @@ def main() -> None:
     mi = {"attributes": ["sex", "race"], "num_values": [2, 5]}
     setups = [
         (
+            "adult",
             "Adult MLP, batch 512, 10 cells",
             lambda: IncomeMLP(108),
             tabular,
@@ -85,6 +88,7 @@ def main() -> None:
             },
         ),
         (
+            "cnn",
             "CNN 28x28, batch 256, heads on conv features",
             lambda: DemoCNN(28),
             images,
@@ -100,7 +104,9 @@ def main() -> None:
             },
         ),
     ]
-    for title, factory, batch, configurations in setups:
+    for key, title, factory, batch, configurations in setups:
+        if args.only not in (None, key):
+            continue
         best: dict[str, float] = {}
         names = ["vanilla", *configurations]
         for _ in range(args.rounds):
@@ -109,10 +115,11 @@ def main() -> None:
                 duration = _median_step(factory, batch, callbacks, args.steps)
                 best[name] = min(best.get(name, float("inf")), duration)
         table = Table(title=f"{title}, {torch.get_num_threads()} CPU threads (fastest of {args.rounds} rounds)")
-        for column in ("configuration", "ms / step", "x vanilla"):
+        for column in ("configuration", "ms / step", "+ ms / step", "x vanilla"):
             table.add_column(column, justify="left" if column == "configuration" else "right")
         for name in names:
-            table.add_row(name, f"{best[name] * 1e3:.2f}", f"{best[name] / best['vanilla']:.2f}")
+            added = (best[name] - best["vanilla"]) * 1e3
+            table.add_row(name, f"{best[name] * 1e3:.2f}", f"{added:+.2f}", f"{best[name] / best['vanilla']:.3f}")
         console.print(table)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from lightning_xai._contract import (
     parse_batch,
     require_logits,
 )
+from lightning_xai._step_log import log_each_step
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional.penalties import math_attention
 
@@ -107,14 +109,18 @@ TASK_LOSS_FLOOR = 0.1
 
 
 def _warn_about_dominant_terms(
-    computed: list[tuple[LossTerm, float, Tensor]], values: dict[str, Tensor], task_loss: Tensor, step: int
+    computed: list[tuple[LossTerm, float, Tensor]],
+    values: dict[str, Tensor],
+    task_loss: Tensor,
+    step: int,
+    ratios: Mapping[str, float] | None = None,
 ) -> None:
     """Warns once per term whose weighted value exceeds the task loss :data:`DOMINANCE_RATIO`-fold.
 
     A penalty that dwarfs the task loss usually means a weight on the wrong scale (each method has its own:
     see ``PENALTY_METHODS[...].weight_range``); the model then learns the penalty instead of the task, as a
     CDEP weight of 100 did on a stripe decoy. Warnings are per rank and change nothing, so the ranks stay in
-    step.
+    step. ``ratios``: the ratios by term name, when the caller has them on the host already.
     """
     pending = [
         (term, weight)
@@ -123,10 +129,11 @@ def _warn_about_dominant_terms(
     ]
     if not pending or task_loss.numel() != 1:
         return
-    weighted = torch.stack([weight * values[term.term_name].float() for term, weight in pending])
-    # a task loss fitted to near zero says nothing about scale: compare with at least TASK_LOSS_FLOOR
-    ratios = (weighted / task_loss.detach().float().abs().clamp_min(TASK_LOSS_FLOOR)).tolist()
-    for (term, weight), ratio in zip(pending, ratios):
+    if ratios is None:
+        task = float(task_loss.detach())
+        ratios = {term.term_name: _ratio(weight, float(values[term.term_name]), task) for term, weight in pending}
+    for term, weight in pending:
+        ratio = ratios[term.term_name]
         if ratio > DOMINANCE_RATIO:
             term.warned_dominance = True
             rank_zero_warn(
@@ -134,6 +141,16 @@ def _warn_about_dominant_terms(
                 f"{ratio:.3g} times the task loss at global step {step}, so training optimises the penalty and "
                 f"hardly the task. Choose the weight on a validation split{_weight_hint(term)}."
             )
+
+
+def _ratio(weight: float, value: float, task_loss: float) -> float:
+    # a task loss fitted to near zero says nothing about scale: compare with at least TASK_LOSS_FLOOR
+    return weight * value / max(abs(task_loss), TASK_LOSS_FLOOR)
+
+
+def _ranks_of_false(flags: list[bool], world: int, count: int) -> list[list[int]]:
+    """Per term, the ranks whose flag is false, from rank-major flags of ``count`` terms."""
+    return [[rank for rank in range(world) if not flags[rank * count + i]] for i in range(count)]
 
 
 def _weight_hint(term: LossTerm) -> str:
@@ -282,8 +299,9 @@ class XAIMixin:
             select=lambda output: logits_of(output, key),
             accept=lambda args, logits: bool(args) and args[0] is inputs and isinstance(logits, Tensor),
         )
-        # the penalty differentiates these logits twice: attention must run on the kernel with a double backward
-        around_step.enter_context(math_attention())
+        if any(term.differentiates_step_twice for term in terms):
+            # the penalty differentiates these logits twice: attention must run on the kernel with a double backward
+            around_step.enter_context(math_attention())
 
     @_eager
     def _xai_total(self, context: StepContext, terms: list[LossTerm], task_loss: Tensor | None = None) -> Tensor:
@@ -298,7 +316,8 @@ class XAIMixin:
         reference = next(iter(self.parameters()))  # type: ignore[attr-defined]
         total = torch.zeros((), device=reference.device)
         values: dict[str, Tensor] = {}
-        for (term, weight, value), bad_ranks in zip(computed, self._xai_non_finite_ranks(computed)):
+        non_finite_ranks, ratios = self._xai_screen(computed, task_loss)
+        for (term, weight, value), bad_ranks in zip(computed, non_finite_ranks):
             if bad_ranks:
                 term.steps_skipped += 1
                 where = f"rank {bad_ranks[0]}" if len(bad_ranks) == 1 else f"ranks {bad_ranks}"
@@ -314,44 +333,51 @@ class XAIMixin:
             values[term.term_name] = value.detach()
             total = total + weight * value
         if task_loss is not None:
-            _warn_about_dominant_terms(computed, values, task_loss, trainer.global_step)
+            _warn_about_dominant_terms(computed, values, task_loss, trainer.global_step, ratios)
         self._xai_log(terms, values, total, batch_rows(context.data))
         return total
 
-    def _xai_non_finite_ranks(self, computed: list[tuple[LossTerm, float, Tensor]]) -> list[list[int]]:
-        """Per computed term, the ranks on which it is NaN or infinite; one all-gather under DDP.
+    def _xai_screen(
+        self, computed: list[tuple[LossTerm, float, Tensor]], task_loss: Tensor | None
+    ) -> tuple[list[list[int]], dict[str, float] | None]:
+        """Per computed term, the ranks on which it is NaN or infinite (one all-gather under DDP), and the
+        dominance ratios of the terms (``None`` unless the terms and the task loss are scalars).
 
         Every rank must skip a term together: a term skipped on one rank only is logged on the others, and their
-        ``self.log(..., sync_dist=True)`` all-reduces would wait forever for it.
+        ``self.log(..., sync_dist=True)`` all-reduces would wait forever for it. The values come to the host in
+        one transfer and are judged there: this runs every step, and each device operation or transfer costs
+        more than the arithmetic.
         """
         if not computed:
-            return []
-        finite = torch.stack([torch.isfinite(value.detach()).all() for _, _, value in computed])
-        trainer = self._trainer  # type: ignore[attr-defined]
-        if trainer.world_size == 1:
-            return [[] if ok else [0] for ok in finite.tolist()]
-        gathered = self.all_gather(finite.to(torch.int32)).reshape(trainer.world_size, -1)  # type: ignore[attr-defined]
-        return [[rank for rank, ok in enumerate(column.tolist()) if not ok] for column in gathered.T]
+            return [], None
+        world = self._trainer.world_size  # type: ignore[attr-defined]
+        if not all(value.numel() == 1 for _, _, value in computed):
+            finite = torch.stack([torch.isfinite(value.detach()).all() for _, _, value in computed]).to(torch.int32)
+            flags = (finite if world == 1 else self.all_gather(finite)).reshape(-1).tolist()  # type: ignore[attr-defined]
+            return _ranks_of_false(flags, world, len(computed)), None
+        stacked = torch.stack([value.detach().reshape(()).float() for _, _, value in computed])
+        parts = [stacked]
+        if world > 1:
+            parts.insert(0, self.all_gather(torch.isfinite(stacked)).reshape(-1).to(stacked.dtype))  # type: ignore[attr-defined]
+        scalar_task = task_loss is not None and task_loss.numel() == 1
+        if scalar_task:
+            parts.append(task_loss.detach().reshape(1).float())  # type: ignore[union-attr]
+        host = torch.cat(parts).tolist()
+        count = len(computed)
+        values = host[world * count : world * count + count] if world > 1 else host[:count]
+        flags = [bool(flag) for flag in host[: world * count]] if world > 1 else [math.isfinite(v) for v in values]
+        ranks = _ranks_of_false(flags, world, count)
+        if not scalar_task:
+            return ranks, None
+        task = host[-1]
+        return ranks, {
+            term.term_name: _ratio(weight, value, task) for (term, weight, _), value in zip(computed, values)
+        }
 
     def _xai_log(self, terms: list[LossTerm], values: dict[str, Tensor], total: Tensor, batch_size: int | None) -> None:
-        log = self.log  # type: ignore[attr-defined]
+        # every step, so past the epoch's first step at the cost of a tensor update rather than of self.log
         shown = {term.term_name for term in terms if term.prog_bar}
-        for name, value in values.items():
-            log(
-                f"xai/{name}",
-                value.float(),
-                on_step=True,
-                on_epoch=True,
-                batch_size=batch_size,
-                sync_dist=True,
-                prog_bar=name in shown,
-            )
-        log(
-            "xai/total",
-            total.detach().float(),
-            on_step=True,
-            on_epoch=True,
-            batch_size=batch_size,
-            sync_dist=True,
-            prog_bar=self.xai_prog_bar,
-        )
+        entries = [(f"xai/{name}", value, name in shown) for name, value in values.items()]
+        entries.append(("xai/total", total.detach(), self.xai_prog_bar))
+        for key, value, prog_bar in entries:
+            log_each_step(self, key, value.float(), on_step=True, prog_bar=prog_bar, batch_size=batch_size)

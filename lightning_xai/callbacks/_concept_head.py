@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_xai._contract import StepContext, check_name, named_submodule
 from lightning_xai._lightning import LightningModule, Trainer, rank_zero_info
+from lightning_xai._step_log import log_each_step
 from lightning_xai.callbacks._loss_term import LossTerm, Schedule
 from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional._labels import class_labels
@@ -256,15 +257,10 @@ class ConceptHead(LossTerm):
         correct = logits.argmax(1) == labels
         self.correct += int(correct.sum())
         self.counted += int(labels.numel())
-        log = pl_module.log  # type: ignore[attr-defined]
-        for key, value in (("accuracy", correct.float().mean()), ("loss", loss)):
-            log(
-                f"concept/{self.term_name}/{key}",
-                value,
-                on_step=False,
-                on_epoch=True,
-                sync_dist=True,
-                batch_size=int(labels.numel()),
+        # every step: past the epoch's first, at the cost of a tensor update rather than of self.log
+        for key, value in (("accuracy", correct.float().mean()), ("loss", loss.float())):
+            log_each_step(
+                pl_module, f"concept/{self.term_name}/{key}", value, on_step=False, batch_size=int(labels.numel())
             )
 
     def condition(self, context: StepContext, labels: Tensor, labelled: Tensor) -> Tensor | None:

@@ -119,7 +119,13 @@ class MutualInformationRegularizer(LossTerm):
         self.output_layer = output_layer
         self.running_sums: Tensor | None = None
         self.running_counts: Tensor | None = None
-        self.last_value = float("nan")
+        self._last_value: Tensor | float = float("nan")
+
+    @property
+    def last_value(self) -> float:
+        """The term's value at the last training step (NaN before the first)."""
+        # kept on the device and read on demand: a float() every step would wait for the device every step
+        return float(self._last_value)
 
     @property
     def num_cells(self) -> int:
@@ -158,7 +164,8 @@ class MutualInformationRegularizer(LossTerm):
     @override
     def compute_term(self, pl_module: XAIMixin, context: StepContext) -> Tensor:
         logits, cells, target = self._step_predictions(pl_module, context)
-        probs = as_probabilities(logits.float() / self.temperature)
+        logits = logits.float()
+        probs = as_probabilities(logits if self.temperature == 1.0 else logits / self.temperature)
         sums, counts = self._global_statistics(pl_module, probs, cells, target)
         return self._running_dependence(sums, counts)
 
@@ -215,7 +222,7 @@ class MutualInformationRegularizer(LossTerm):
         if self.momentum > 0 and torch.isfinite(sums.detach()).all():
             self.running_sums = mixed_sums.detach().clone()
             self.running_counts = mixed_counts.detach().clone()
-        self.last_value = float(value.detach())
+        self._last_value = value.detach()
         return value
 
     @staticmethod

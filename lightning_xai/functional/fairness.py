@@ -84,17 +84,19 @@ def intersectional_cells(groups: Tensor, num_values: Sequence[int], names: Seque
         raise XAIConfigurationError(f"{where}: num_values must list at least one attribute with >= 1 value each.")
     columns = _as_columns(groups, len(num_values), where)
     names = list(names) if names is not None else [f"attribute {a}" for a in range(len(num_values))]
-    cells = torch.zeros(columns.shape[0], dtype=torch.long, device=columns.device)
-    for a, k in enumerate(num_values):
-        column = columns[:, a]
-        if column.numel() and (column.min() < 0 or column.max() >= k):
-            bad = column[(column < 0) | (column >= k)][0].item()
-            raise GroupValueError(
-                f"{where}: {names[a]!r} has the value {bad}, outside [0, {k}); encode it as 0..{k - 1} or raise "
-                f"its number of values (num_values) to cover it."
-            )
-        cells = cells * k + column
-    return cells
+    # one check of all columns: this runs every training step, and each check waits for the device
+    outside = (columns < 0) | (columns >= columns.new_tensor(num_values))
+    if columns.numel() and bool(outside.any()):
+        a = int(outside.any(0).nonzero()[0])
+        bad, k = columns[outside[:, a], a][0].item(), num_values[a]
+        raise GroupValueError(
+            f"{where}: {names[a]!r} has the value {bad}, outside [0, {k}); encode it as 0..{k - 1} or raise "
+            f"its number of values (num_values) to cover it."
+        )
+    cells = columns[:, 0]
+    for a, k in enumerate(num_values[1:], start=1):
+        cells = cells * k + columns[:, a]
+    return cells.clone() if len(num_values) == 1 else cells  # never a view of the caller's codes
 
 
 def as_probabilities(outputs: Tensor) -> Tensor:
