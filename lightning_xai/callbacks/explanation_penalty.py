@@ -712,15 +712,7 @@ class ExplanationPenalty(LossTerm):
             context.cache[key] = decomposition
             return decomposition.total
 
-        pl_module.forward = forward  # type: ignore[method-assign]
-
-        def restore() -> None:
-            if pl_module.__dict__.get("forward") is forward:
-                del pl_module.forward
-            else:  # another term wrapped ours: put the original back underneath it
-                pl_module.forward = original_forward  # type: ignore[method-assign]
-
-        context.hooks.append(restore)
+        _wrap_step_forward(pl_module, context, original_forward, forward)
 
     def _record_step_branches(self, pl_module: XAIMixin, context: StepContext) -> None:
         inputs = context.data.get("input")
@@ -740,15 +732,7 @@ class ExplanationPenalty(LossTerm):
             context.cache[key] = branches
             return output
 
-        pl_module.forward = forward  # type: ignore[method-assign]
-
-        def restore() -> None:
-            if pl_module.__dict__.get("forward") is forward:
-                del pl_module.forward
-            else:  # another term wrapped ours: put the original back underneath it
-                pl_module.forward = original_forward  # type: ignore[method-assign]
-
-        context.hooks.append(restore)
+        _wrap_step_forward(pl_module, context, original_forward, forward)
 
     # ----------------------------------------------------------------- the term
 
@@ -835,3 +819,18 @@ def _from_embeddings(pl_module: XAIMixin, data: Mapping[str, Any]) -> Callable[[
         )
 
     return forward
+
+
+def _wrap_step_forward(
+    pl_module: Any, context: StepContext, original_forward: Callable[..., Any], forward: Callable[..., Any]
+) -> None:
+    """Installs ``forward`` as the module's forward for this step; the step's hooks put the original back."""
+    pl_module.forward = forward
+
+    def restore() -> None:
+        if pl_module.__dict__.get("forward") is forward:
+            del pl_module.forward
+        else:  # another term wrapped ours: put the original back underneath it
+            pl_module.forward = original_forward
+
+    context.hooks.append(restore)
