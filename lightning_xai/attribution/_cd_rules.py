@@ -8,6 +8,7 @@ for their own layers with :func:`register_cd_rule`.
 from __future__ import annotations
 
 import builtins
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from lightning_xai.functional.contextual_decomposition import (
     Decomposition,
     add_constant,
     decompose_affine,
+    decompose_clip,
     decompose_elementwise,
     decompose_lstm_layer,
     decompose_max_pool,
@@ -211,15 +213,36 @@ def _layer_norm(module: nn.LayerNorm, x: Decomposition) -> Decomposition:
 # --------------------------------------------------------------------------------------- nonlinear
 
 
-def _elementwise_module(fn_from_module: Callable[[nn.Module], Callable[[Tensor], Tensor]], clips: bool = False) -> Rule:
+def _elementwise_module(fn_from_module: Callable[[nn.Module], Callable[[Tensor], Tensor]]) -> Rule:
     def rule(module: nn.Module, x: Decomposition) -> Decomposition:
-        return decompose_elementwise(x, fn_from_module(module), clips)
+        return decompose_elementwise(x, fn_from_module(module))
 
     return rule
 
 
-register_cd_rule(nn.ReLU)(_elementwise_module(lambda m: F.relu, clips=True))
-register_cd_rule(nn.ReLU6)(_elementwise_module(lambda m: F.relu6, clips=True))
+#: the clipping nonlinearities, ``clamp(x, 0, upper)``, by their upper bound (see decompose_clip)
+_CLIP_UPPER: dict[Any, float] = {
+    nn.ReLU: math.inf,
+    nn.ReLU6: 6.0,
+    F.relu: math.inf,
+    torch.relu: math.inf,
+    "relu": math.inf,
+    F.relu6: 6.0,
+}
+
+
+def _clip_rule(upper: float) -> Rule:
+    def rule(*args: Any, **kwargs: Any) -> Decomposition:
+        # a module rule gets (module, x), a function rule (x, inplace=...); never write into a stream another
+        # node still reads, so `inplace` is ignored
+        x = next(arg for arg in args if isinstance(arg, Decomposition))
+        return decompose_clip(x, upper)
+
+    return rule
+
+
+for _clip, _upper in _CLIP_UPPER.items():
+    register_cd_rule(_clip)(_clip_rule(_upper))
 register_cd_rule(nn.LeakyReLU)(_elementwise_module(lambda m: lambda t: F.leaky_relu(t, m.negative_slope)))
 register_cd_rule(nn.ELU)(_elementwise_module(lambda m: lambda t: F.elu(t, m.alpha)))
 register_cd_rule(nn.GELU)(_elementwise_module(lambda m: lambda t: F.gelu(t, approximate=m.approximate)))
@@ -231,23 +254,15 @@ register_cd_rule(nn.Softplus)(
 )
 
 
-#: the elementwise functions that are non-decreasing and flat where they clip (see decompose_elementwise)
-_CLIPPING = (F.relu, F.relu6, torch.relu)
-
-
 def _elementwise_function(fn: Callable[..., Tensor]) -> Rule:
-    clips = fn in _CLIPPING
-
     def rule(x: Decomposition, *args: Any, **kwargs: Any) -> Decomposition:
         kwargs.pop("inplace", None)  # never write into a stream another node still reads
-        return decompose_elementwise(x, lambda t: fn(t, *args, **kwargs), clips)
+        return decompose_elementwise(x, lambda t: fn(t, *args, **kwargs))
 
     return rule
 
 
 for _fn in (
-    F.relu,
-    F.relu6,
     F.leaky_relu,
     F.elu,
     F.gelu,
@@ -255,12 +270,11 @@ for _fn in (
     F.softplus,
     F.sigmoid,
     F.tanh,
-    torch.relu,
     torch.tanh,
     torch.sigmoid,
 ):
     register_cd_rule(_fn)(_elementwise_function(_fn))
-for _name, _fn in (("relu", F.relu), ("tanh", torch.tanh), ("sigmoid", torch.sigmoid)):
+for _name, _fn in (("tanh", torch.tanh), ("sigmoid", torch.sigmoid)):
     register_cd_rule(_name)(_elementwise_function(_fn))
 
 

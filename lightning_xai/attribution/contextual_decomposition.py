@@ -27,7 +27,7 @@ from lightning_xai.attribution._cd_rules import (
 )
 from lightning_xai.errors import MaskShapeError, UnsupportedLayerError, XAIError
 from lightning_xai.functional._masks import broadcast_mask, check_mask_values
-from lightning_xai.functional.contextual_decomposition import SPLIT_KERNELS, Decomposition, tie_share
+from lightning_xai.functional.contextual_decomposition import CD_KERNELS, Decomposition, tie_share
 
 _MAX_EXTRA_ARGS = 4
 
@@ -356,4 +356,4 @@ def set_cd_kernel(mode: str) -> None:
         ...
         ValueError: the CD kernel mode must be one of ('auto', 'compiled', 'eager'), got 'fast'.
     """
-    SPLIT_KERNELS.set_mode(mode)
+    CD_KERNELS.set_mode(mode)

@@ -99,30 +99,119 @@ def test_the_compiled_kernel_gives_the_eager_decomposition_and_parameter_gradien
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-5)
 
 
-def test_auto_compiles_only_large_activations(kernel_mode):
+@pytest.mark.parametrize("name", sorted(cd_kernels.EAGER_KERNELS))
+def test_auto_compiles_only_large_activations(name, kernel_mode):
     kernel_mode("auto")
     small = torch.zeros(2, 4, 4)
-    large = torch.zeros(cd_kernels.SPLIT_KERNELS.min_numel)
-    eager_pair = (cd_kernels._split_forward, cd_kernels._split_backward)
-    assert cd_kernels.SPLIT_KERNELS.for_activation(small) == eager_pair
-    assert cd_kernels.SPLIT_KERNELS.for_activation(large) != eager_pair
+    large = torch.zeros(cd_kernels.CD_KERNELS.min_numel)
+    assert cd_kernels.CD_KERNELS.for_activation(name, small) is cd_kernels.EAGER_KERNELS[name]
+    assert cd_kernels.CD_KERNELS.for_activation(name, large) is not cd_kernels.EAGER_KERNELS[name]
 
 
 def test_a_kernel_that_fails_to_compile_falls_back_to_eager_with_one_warning(kernel_mode, monkeypatch):
-    kernels = cd_kernels._SplitKernels("compiled")
+    kernels = cd_kernels._FusedKernels("compiled")
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
 
-    monkeypatch.setattr(kernels, "_compiled", (broken, broken))
-    monkeypatch.setattr(cd_kernels, "SPLIT_KERNELS", kernels)
+    monkeypatch.setattr(kernels, "_compiled", dict.fromkeys(cd_kernels.EAGER_KERNELS, broken))
+    monkeypatch.setattr(cd_kernels, "CD_KERNELS", kernels)
     relevant, total, constant = _streams((3, 4, 5, 5), (4, 1, 1), torch.float32)
-    with pytest.warns(RuntimeWarning, match="could not compile its fused bias-split kernel"):
+    with pytest.warns(RuntimeWarning, match="could not compile its fused elementwise kernels") as caught:
         ours = add_constant(Decomposition(relevant, total), constant)
+        clipped = cd_kernels.decompose_clip(ours)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
     torch.testing.assert_close(ours.relevant, _autograd_split(relevant, total, constant, None), rtol=1e-5, atol=1e-6)
-    assert kernels.for_activation(relevant) == (cd_kernels._split_forward, cd_kernels._split_backward)
+    torch.testing.assert_close(clipped.relevant, ours.relevant.clamp_min(0))
+    for name, eager in cd_kernels.EAGER_KERNELS.items():
+        assert kernels.for_activation(name, relevant) is eager
 
 
 def test_an_unknown_kernel_mode_is_refused():
     with pytest.raises(ValueError, match="one of \\('auto', 'compiled', 'eager'\\)"):
         set_cd_kernel("fast")
+
+
+# ------------------------------------------------------------------ what the decomposition keeps for backward
+
+
+@pytest.mark.parametrize(("upper", "reference"), [(float("inf"), torch.relu), (6.0, nn.functional.relu6)])
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_the_clip_rule_gives_the_elementwise_rule_and_its_gradients(upper, reference, mode, kernel_mode):
+    kernel_mode(mode)
+    generator = torch.Generator().manual_seed(0)
+    relevant = (4 * torch.randn(4, 3, 8, dtype=torch.double, generator=generator)).requires_grad_()
+    total = (4 * torch.randn(4, 3, 8, dtype=torch.double, generator=generator)).requires_grad_()
+    clipped = cd_kernels.decompose_clip(Decomposition(relevant, total), upper)
+    expected = cd_kernels.decompose_elementwise(Decomposition(relevant, total), reference, clips=True)
+    torch.testing.assert_close(clipped.relevant, expected.relevant)
+    torch.testing.assert_close(clipped.total, expected.total)
+    assert clipped.order is total
+    weights = torch.randn(2, 4, 3, 8, dtype=torch.double, generator=generator)
+    ours = torch.autograd.grad((clipped.relevant * weights[0] + clipped.total * weights[1]).sum(), (relevant, total))
+    theirs = torch.autograd.grad(
+        (expected.relevant * weights[0] + expected.total * weights[1]).sum(), (relevant, total)
+    )
+    for mine, reference_grad in zip(ours, theirs):
+        torch.testing.assert_close(mine, reference_grad)
+    assert torch.autograd.gradcheck(
+        lambda r, t: cd_kernels.decompose_clip(Decomposition(r, t), upper).relevant, (relevant, total)
+    )
+
+
+@pytest.mark.parametrize(("kernel", "stride"), [(2, 2), (3, 1), (3, 2)], ids=["disjoint", "overlapping", "strided"])
+def test_the_max_pool_rule_adds_the_gradients_of_positions_read_twice(kernel, stride):
+    generator = torch.Generator().manual_seed(0)
+    relevant = torch.randn(2, 3, 9, 9, dtype=torch.double, generator=generator).requires_grad_()
+    total = torch.randn(2, 3, 9, 9, dtype=torch.double, generator=generator).requires_grad_()
+
+    def pool(t):
+        return nn.functional.max_pool2d(t, kernel, stride, return_indices=True)
+
+    pooled = cd_kernels.decompose_max_pool(Decomposition(relevant, total), pool)
+    indices = pool(total)[1].flatten(2)
+    expected = relevant.flatten(2).gather(2, indices).view_as(pooled.relevant)
+    torch.testing.assert_close(pooled.relevant, expected)
+    weights = torch.randn_like(expected)
+    (ours,) = torch.autograd.grad((pooled.relevant * weights).sum(), relevant)
+    (theirs,) = torch.autograd.grad((expected * weights).sum(), relevant)
+    torch.testing.assert_close(ours, theirs)
+    assert torch.autograd.gradcheck(
+        lambda r: cd_kernels.decompose_max_pool(Decomposition(r, total), pool).relevant, (relevant,)
+    )
+
+
+def _saved_bytes(loss_of):
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = loss_of()
+    loss.backward()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.ReLU6])
+def test_a_cdep_step_keeps_under_twice_a_vanilla_steps_memory_for_backward(activation, kernel_mode):
+    # conv - clip - max pool, twice, then dense layers (the demo CNN): the bias split keeps both pre-activations,
+    # the clip keeps only a byte mask of the relevant part and the pooling only its positions. Autograd's own
+    # ReLU and gather kept each stream's clipped activation as well (2.8x a vanilla step).
+    kernel_mode("eager")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 5, padding=2), activation(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 5, padding=2), activation(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 7 * 7, 32), activation(), nn.Linear(32, 10),
+    )  # fmt: skip
+    x = torch.rand(16, 3, 28, 28)
+    mask = (torch.rand(16, 1, 28, 28) > 0.9).float()
+    vanilla = _saved_bytes(lambda: model(x).square().mean())
+
+    def cdep():
+        decomposition = decompose(model, x, mask)
+        return decomposition.total.square().mean() + decomposition.relevant.square().mean()
+
+    assert _saved_bytes(cdep) / vanilla < 2.0
