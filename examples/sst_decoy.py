@@ -59,6 +59,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "vanilla": {},
     "cdep": {"method": "cdep", "cdep_variant": "text"},
     "rrr": {"method": "rrr"},
+    # RRR's first-order variant: the same penalty, a finite-difference parameter gradient, no double backward
+    "rrr_finite_difference": {"method": "rrr", "differentiation": "finite_difference"},
     "expected_gradients": {"method": "expected_gradients"},
     "ablation": {"method": "ablation"},
     "counterexamples": {"method": "counterexamples"},
@@ -68,6 +70,7 @@ METHODS: dict[str, dict[str, Any]] = {
 WEIGHT_GRIDS: dict[str, tuple[float, ...]] = {
     "cdep": (1.0, 10.0),
     "rrr": (100.0, 1000.0),
+    "rrr_finite_difference": (100.0, 1000.0),
     "expected_gradients": (10.0, 100.0),
     "ablation": (1.0, 10.0),
     "counterexamples": (1.0,),
