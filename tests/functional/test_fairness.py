@@ -158,6 +158,22 @@ def test_gradient_matches_finite_differences(estimator):
     assert torch.autograd.gradcheck(objective, (logits,), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("estimator", ["plugin", "chi2", "hsic"])
+def test_the_gradient_passes_gradcheck_with_left_out_cells_and_empty_strata(estimator):
+    # the masks of left-out cells and of an empty stratum must not leak into the gradient
+    g = torch.Generator().manual_seed(3)
+    sums = torch.rand(3, 6, 2, generator=g, dtype=torch.float64) * 4
+    counts = torch.tensor(
+        [[4.0, 1.0, 5.0, 0.0, 3.0, 6.0], [2.0, 2.0, 7.0, 3.0, 1.0, 4.0], [0.0] * 6], dtype=torch.float64
+    )
+    sums[:, :, 0] = sums[:, :, 0].clamp_max(counts)
+    sums[2] = 0.0  # an empty stratum
+    sums.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda s: dependence_from_statistics(s, counts, estimator, min_cell_count=2.0), (sums,), eps=1e-7, atol=1e-6
+    )
+
+
 # ---------------------------------------------------------------- edge cases: no NaN, no crash
 
 
