@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.functional.robustness import Target, gaussian_perturbation, infidelity
+from lightning_xai.functional.robustness import Target, check_memory_format, gaussian_perturbation, infidelity
 from lightning_xai.metrics._base import ExplainFn, SeededMetric
 
 
@@ -28,6 +28,9 @@ class Infidelity(SeededMetric):
             ``None`` draws from torch's global generator.
         max_examples_per_batch: perturbed rows per model call: an int, ``None`` (all at once) or ``"auto"``
             (128 rows on CPU, where cache-sized chunks are fastest; all at once elsewhere).
+        memory_format: the layout images go into the model in: ``"auto"`` (channels last on CPU, about 1.4-2x
+            faster through oneDNN's convolutions, equal to rounding), ``"channels_last"`` or ``"contiguous"``
+            (Captum's numbers bit for bit).
 
     Examples:
         >>> import torch
@@ -56,6 +59,7 @@ class Infidelity(SeededMetric):
         normalize: bool = False,
         seed: int | None = None,
         max_examples_per_batch: int | str | None = "auto",
+        memory_format: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -64,6 +68,8 @@ class Infidelity(SeededMetric):
         self.normalize = normalize
         self.seed = seed
         self.max_examples_per_batch = max_examples_per_batch
+        check_memory_format(memory_format, type(self).__name__)
+        self.memory_format = memory_format
         self.add_state("sum_value", default=torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
 
@@ -89,6 +95,7 @@ class Infidelity(SeededMetric):
             n_perturb_samples=self.n_perturb_samples,
             normalize=self.normalize,
             max_examples_per_batch=self.max_examples_per_batch,
+            memory_format=self.memory_format,
         )
         self.sum_value += values.sum().to(self.sum_value.dtype)
         self.count += values.numel()

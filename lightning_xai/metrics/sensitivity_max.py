@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.functional.robustness import Target, sensitivity_max
+from lightning_xai.functional.robustness import Target, check_memory_format, sensitivity_max
 from lightning_xai.metrics._base import ExplainFn, SeededMetric
 
 
@@ -34,6 +34,9 @@ class SensitivityMax(SeededMetric):
             Only correct when ``attributions`` come from ``explain_fn`` itself; AttributionMetrics turns it on.
         max_examples_per_batch: perturbed rows per ``explain_fn`` call: an int, ``None`` (all at once) or
             ``"auto"`` (128 rows on CPU, where cache-sized chunks are fastest; all at once elsewhere).
+        memory_format: the layout images go into the model in: ``"auto"`` (channels last on CPU, about 1.4-2x
+            faster through oneDNN's convolutions, equal to rounding), ``"channels_last"`` or ``"contiguous"``
+            (Captum's numbers bit for bit).
 
     Examples:
         >>> import torch
@@ -66,6 +69,7 @@ class SensitivityMax(SeededMetric):
         seed: int | None = None,
         reuse_attributions: bool = False,
         max_examples_per_batch: int | str | None = "auto",
+        memory_format: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -74,6 +78,8 @@ class SensitivityMax(SeededMetric):
         self.perturb_radius = perturb_radius
         self.seed = seed
         self.max_examples_per_batch = max_examples_per_batch
+        check_memory_format(memory_format, type(self).__name__)
+        self.memory_format = memory_format
         self.add_state("sum_value", default=torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
 
@@ -104,6 +110,7 @@ class SensitivityMax(SeededMetric):
                 generator=self._generator_on(inputs.device),
                 explanations=attributions.detach() if self.reuse_attributions else None,
                 max_examples_per_batch=self.max_examples_per_batch,
+                memory_format=self.memory_format,
             )
         self.sum_value += values.sum().to(self.sum_value.dtype)
         self.count += values.numel()

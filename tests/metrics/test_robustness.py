@@ -53,6 +53,24 @@ def linear_model(n_features: int = 5) -> nn.Module:
 # ---------------------------------------------------------------- equality with Captum
 
 
+@pytest.mark.parametrize("metric", ["infidelity", "sensitivity_max"])
+def test_the_contiguous_layout_gives_captums_numbers_bit_for_bit(cnn_batch, metric):
+    model, inputs, target, attributions = cnn_batch
+    torch.manual_seed(5)
+    if metric == "infidelity":
+        perturb = gaussian_perturbation(0.3)
+        expected = captum_infidelity(model, perturb, inputs, attributions, target=target)
+        torch.manual_seed(5)
+        ours = infidelity(model, perturb, inputs, attributions, target, memory_format="contiguous")
+    else:
+        expected = captum_sensitivity_max(Saliency(model).attribute, inputs, target=target)
+        torch.manual_seed(5)
+        ours = sensitivity_max(
+            lambda x, t: Saliency(model).attribute(x, target=t), inputs, target, memory_format="contiguous"
+        )
+    assert torch.equal(ours, expected)
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("std", [0.003, 0.3])
 def test_infidelity_equals_captum(cnn_batch, normalize, std):
@@ -357,3 +375,86 @@ def test_sensitivity_reuses_the_callers_explanation_with_one_call_fewer():
         values[reuse] = (metric.compute().item(), list(calls))
     assert values[True][0] == values[False][0]
     assert values[True][1] == [50] and values[False][1] == [5, 50]
+
+
+# ---------------------------------------------------------------- memory layout of the perturbed images
+
+
+class _ViewingCNN(nn.Module):
+    """Flattens its activations with .view, which channels-last activations refuse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.linear = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x))
+        return self.linear(features.view(features.shape[0], -1))
+
+
+def _layouts_seen(model):
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    return seen
+
+
+@pytest.mark.parametrize("metric", ["infidelity", "sensitivity_max"])
+def test_auto_sends_images_on_cpu_channels_last_and_agrees_with_the_contiguous_layout(cnn_batch, metric):
+    model, inputs, target, attributions = cnn_batch
+    seen = _layouts_seen(model)
+    values = {}
+    for memory_format in ("auto", "contiguous"):
+        seen.clear()
+        torch.manual_seed(5)
+        if metric == "infidelity":
+            values[memory_format] = infidelity(
+                model, gaussian_perturbation(0.3), inputs, attributions, target, memory_format=memory_format
+            )
+        else:
+            values[memory_format] = sensitivity_max(
+                lambda x, t: Saliency(model).attribute(x, target=t), inputs, target, memory_format=memory_format
+            )
+        assert set(seen) == {memory_format == "contiguous"}  # every call, unperturbed inputs included
+    torch.testing.assert_close(values["auto"], values["contiguous"], rtol=RTOL, atol=1e-7)
+
+
+def test_auto_keeps_inputs_that_are_not_images_contiguous():
+    model = linear_model()
+    seen = _layouts_seen(model)
+    infidelity(model, None, torch.randn(4, 5), torch.randn(4, 5), generator=torch.Generator().manual_seed(0))
+    assert seen and all(seen)
+
+
+@pytest.mark.parametrize("metric", ["infidelity", "sensitivity_max"])
+def test_a_model_that_views_its_activations_falls_back_to_the_contiguous_layout_under_auto(metric):
+    model = _ViewingCNN().eval()
+    inputs, target = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    attributions = saliency_fn(model, inputs, target)
+    seen = _layouts_seen(model)
+
+    def run(memory_format):
+        torch.manual_seed(5)
+        if metric == "infidelity":
+            return infidelity(
+                model, gaussian_perturbation(0.3), inputs, attributions, target, 4, max_examples_per_batch=4,
+                memory_format=memory_format,
+            )  # fmt: skip
+        return sensitivity_max(
+            lambda x, t: saliency_fn(model, x, t), inputs, target, n_perturb_samples=4, max_examples_per_batch=4,
+            memory_format=memory_format,
+        )  # fmt: skip
+
+    expected = run("contiguous")
+    seen.clear()
+    assert torch.equal(run("auto"), expected)
+    assert seen.count(False) == 1  # one try in channels last, then contiguous for the rest of the call
+    with pytest.raises(RuntimeError, match="view"):
+        run("channels_last")
+
+
+def test_an_unknown_memory_format_is_named():
+    with pytest.raises(XAIConfigurationError, match="memory_format must be 'auto' or one of"):
+        Infidelity(memory_format="nhwc")
+    with pytest.raises(XAIConfigurationError, match="needs 4-D"):
+        infidelity(linear_model(), None, torch.randn(2, 5), torch.randn(2, 5), memory_format="channels_last")
