@@ -104,8 +104,8 @@ def test_auto_compiles_only_large_activations(name, kernel_mode):
     kernel_mode("auto")
     small = torch.zeros(2, 4, 4)
     large = torch.zeros(cd_kernels.CD_KERNELS.min_numel)
-    assert cd_kernels.CD_KERNELS.for_activation(name, small) is cd_kernels.EAGER_KERNELS[name]
-    assert cd_kernels.CD_KERNELS.for_activation(name, large) is not cd_kernels.EAGER_KERNELS[name]
+    assert cd_kernels.CD_KERNELS.for_work(name, small.numel()) is cd_kernels.EAGER_KERNELS[name]
+    assert cd_kernels.CD_KERNELS.for_work(name, large.numel()) is not cd_kernels.EAGER_KERNELS[name]
 
 
 def test_a_kernel_that_fails_to_compile_falls_back_to_eager_with_one_warning(kernel_mode, monkeypatch):
@@ -124,7 +124,7 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_eager_with_one_warning(ker
     torch.testing.assert_close(ours.relevant, _autograd_split(relevant, total, constant, None), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(clipped.relevant, ours.relevant.clamp_min(0))
     for name, eager in cd_kernels.EAGER_KERNELS.items():
-        assert kernels.for_activation(name, relevant) is eager
+        assert kernels.for_work(name, relevant.numel()) is eager
 
 
 def test_an_unknown_kernel_mode_is_refused():
@@ -215,3 +215,28 @@ def test_a_cdep_step_keeps_under_twice_a_vanilla_steps_memory_for_backward(activ
         return decomposition.total.square().mean() + decomposition.relevant.square().mean()
 
     assert _saved_bytes(cdep) / vanilla < 2.0
+
+
+def test_the_compiled_lstm_step_gives_the_eager_decomposition_and_parameter_gradients(kernel_mode):
+    torch.manual_seed(0)
+    lstm = nn.LSTM(6, 5, batch_first=True)
+    inputs = torch.randn(3, 7, 6)
+    mask = torch.zeros(3, 7, 1)
+    mask[:, 2:4] = 1
+    results = {}
+    for mode in ("eager", "compiled"):
+        kernel_mode(mode)
+        lstm.zero_grad()
+        parts = cd_kernels.decompose_lstm_layer(
+            inputs * mask, inputs * (1 - mask), lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0
+        )
+        (parts[0].pow(2).sum() + parts[1].sum() + parts[4].sum()).backward()
+        results[mode] = ([part.detach() for part in parts], [p.grad.clone() for p in lstm.parameters()])
+    for compiled, eager in zip(results["compiled"][0], results["eager"][0]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for compiled, eager in zip(results["compiled"][1], results["eager"][1]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    total = lstm(inputs)[0]
+    torch.testing.assert_close(
+        results["compiled"][0][0] + results["compiled"][0][1], total.detach(), atol=1e-5, rtol=1e-5
+    )
