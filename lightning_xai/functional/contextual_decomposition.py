@@ -156,9 +156,11 @@ def _lstm_step(
     bias_activation: Tensor,
     tanh_columns: Tensor,
     share: Tensor,
-    has_past: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One time step of Murdoch's LSTM decomposition: the streams' hidden states ``(2, N, H)`` and cell parts."""
+    """One time step of Murdoch's LSTM decomposition: the streams' hidden states ``(2, N, H)`` and cell parts.
+
+    The first step gets zero cell parts (adding their zero products changes no value), so that one compiled graph
+    serves every step."""
     # the candidate gate g uses tanh(z) = 2 sigmoid(2 z) - 1, so one sigmoid evaluates all four gates
     scale, shift = 1.0 + tanh_columns, -tanh_columns
     bias_i, bias_f, bias_g, _ = bias_activation.chunk(4)
@@ -175,11 +177,8 @@ def _lstm_step(
     i_rel, f_rel, g_rel, _ = rel_part.chunk(4, dim=1)
     i_irr, f_irr, g_irr, _ = irr_part.chunk(4, dim=1)
     _, f_all, g_all, output_gate = with_all.chunk(4, dim=1)
-    new_rel_c = i_rel * (g_rel + bias_g) + bias_i * g_rel + share * bias_product
-    new_irr_c = i_irr * g_all + (i_rel + bias_i) * g_irr + (1 - share) * bias_product
-    if has_past:
-        new_rel_c = new_rel_c + (f_rel + bias_f) * rel_c
-        new_irr_c = new_irr_c + f_all * irr_c + f_irr * rel_c
+    new_rel_c = i_rel * (g_rel + bias_g) + bias_i * g_rel + share * bias_product + (f_rel + bias_f) * rel_c
+    new_irr_c = i_irr * g_all + (i_rel + bias_i) * g_irr + (1 - share) * bias_product + f_all * irr_c + f_irr * rel_c
     tanh_rel, tanh_irr, tanh_all = torch.tanh(torch.stack([new_rel_c, new_irr_c, new_rel_c + new_irr_c])).unbind(0)
     split = torch.stack([tanh_rel + (tanh_all - tanh_irr), tanh_irr + (tanh_all - tanh_rel)])
     return output_gate * split * 0.5, new_rel_c, new_irr_c
@@ -539,10 +538,10 @@ def decompose_lstm_layer(
     outputs: list[Tensor] = []
     order = range(steps - 1, -1, -1) if reverse else range(steps)
     work = steps * n * 4 * hidden  # what the kernel choice weighs: all steps', since one compilation serves them
-    for position, t in enumerate(order):
+    for t in order:
         hidden_state, rel_c, irr_c = _run_kernel(
             "lstm_step", work, projected[t], hidden_state, rel_c, irr_c, weight_hh, bias, bias_activation,
-            tanh_columns, share[t], position > 0,
+            tanh_columns, share[t],
         )  # fmt: skip
         outputs.append(hidden_state)
     if reverse:
