@@ -146,6 +146,12 @@ def _clip_forward(x: Tensor, upper: float) -> tuple[Tensor, Tensor]:
     return _clamp(x, upper), _passes(x, upper)
 
 
+def _gate_activations(pre_activations: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """The sigmoid of the i, f and o gates and the tanh of the candidate g in one call: ``tanh(z) = 2 sigmoid(2 z) -
+    1``, with ``scale`` 2 and ``shift`` -1 on g's columns and 1 and 0 elsewhere."""
+    return torch.addcmul(shift, torch.sigmoid(pre_activations * scale), scale)
+
+
 def _lstm_step(
     projected: Tensor,
     hidden_state: Tensor,
@@ -154,22 +160,20 @@ def _lstm_step(
     weight_hh: Tensor,
     bias: Tensor,
     bias_activation: Tensor,
-    tanh_columns: Tensor,
+    scale: Tensor,
+    shift: Tensor,
     share: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One time step of Murdoch's LSTM decomposition: the streams' hidden states ``(2, N, H)`` and cell parts.
 
     The first step gets zero cell parts (adding their zero products changes no value), so that one compiled graph
     serves every step."""
-    # the candidate gate g uses tanh(z) = 2 sigmoid(2 z) - 1, so one sigmoid evaluates all four gates
-    scale, shift = 1.0 + tanh_columns, -tanh_columns
     bias_i, bias_f, bias_g, _ = bias_activation.chunk(4)
     bias_product = bias_i * bias_g  # the same at every step and for every sample
     gates = projected + F.linear(hidden_state, weight_hh)  # (2, N, 4H)
     rel, irr = gates[0], gates[1]
     # fn(c), fn(a + c), fn(b + c), fn(a + b + c) for a = relevant, b = irrelevant, c = bias
-    evaluated = torch.stack([torch.zeros_like(rel), rel, irr, rel + irr]) + bias
-    evaluated = torch.addcmul(shift, torch.sigmoid(evaluated * scale), scale)
+    evaluated = _gate_activations(torch.stack([torch.zeros_like(rel), rel, irr, rel + irr]) + bias, scale, shift)
     _, with_rel, with_irr, with_all = evaluated.unbind(0)
     # Shapley values; grouped so that a zero relevant input gives an exactly zero relevant part
     rel_part = 0.5 * ((with_rel - bias_activation) + (with_all - with_irr))
@@ -195,14 +199,14 @@ EAGER_KERNELS: dict[str, Callable[..., Any]] = {
 
 
 class _FusedKernels:
-    """The decomposition's elementwise kernels (:data:`EAGER_KERNELS`), eager or fused by ``torch.compile`` into
-    one pass each.
+    """The decomposition's kernels (:data:`EAGER_KERNELS`), eager or fused by ``torch.compile`` into one pass each
+    forward and backward.
 
     The bias split is about eight elementwise operations on a full-size activation, forward and again backward;
     in eager mode each allocates a temporary, and on CPU those temporaries (over the allocator's threshold) are
     returned to the system and faulted back in every step, which made CDEP's cost grow faster than the batch.
     One fused kernel reads the two streams and writes one result. Compiling takes seconds once per process
-    (then inductor's disk cache), so ``"auto"`` compiles only for activations of at least ``min_numel`` elements.
+    (then inductor's disk cache), so ``"auto"`` compiles only for work of at least ``min_numel`` elements.
     """
 
     modes = ("auto", "compiled", "eager")
@@ -528,9 +532,10 @@ def decompose_lstm_layer(
     # gradient for every step.
     projected = _project_both(relevant_input, irrelevant_input, weight_ih).unbind(2)  # T x (2, N, 4H)
     share = relevant_share(relevant_input.abs().sum(-1), irrelevant_input.abs().sum(-1)).unsqueeze(-1).unbind(1)
-    tanh_columns = torch.zeros(4 * hidden, dtype=dtype, device=device)
-    tanh_columns[2 * hidden : 3 * hidden] = 1.0
-    bias_activation = torch.addcmul(-tanh_columns, torch.sigmoid(bias * (1.0 + tanh_columns)), 1.0 + tanh_columns)
+    shift = torch.zeros(4 * hidden, dtype=dtype, device=device)
+    shift[2 * hidden : 3 * hidden] = -1.0  # the candidate gate's columns
+    scale = 1.0 - shift
+    bias_activation = _gate_activations(bias, scale, shift)
 
     hidden_state = torch.zeros(2, n, hidden, dtype=dtype, device=device)  # (relevant, irrelevant)
     rel_c = torch.zeros(n, hidden, dtype=dtype, device=device)
@@ -540,8 +545,8 @@ def decompose_lstm_layer(
     work = steps * n * 4 * hidden  # what the kernel choice weighs: all steps', since one compilation serves them
     for t in order:
         hidden_state, rel_c, irr_c = _run_kernel(
-            "lstm_step", work, projected[t], hidden_state, rel_c, irr_c, weight_hh, bias, bias_activation,
-            tanh_columns, share[t],
+            "lstm_step", work, projected[t], hidden_state, rel_c, irr_c, weight_hh, bias, bias_activation, scale,
+            shift, share[t],
         )  # fmt: skip
         outputs.append(hidden_state)
     if reverse:
