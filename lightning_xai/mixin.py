@@ -29,7 +29,7 @@ from lightning_xai._contract import (
 )
 from lightning_xai._step_log import log_each_step
 from lightning_xai.errors import XAIConfigurationError
-from lightning_xai.functional.penalties import math_attention
+from lightning_xai.functional.penalties import double_backward_kernels
 
 if TYPE_CHECKING:
     from lightning_xai.callbacks._loss_term import LossTerm
@@ -281,12 +281,18 @@ class XAIMixin:
         """Lets terms hook into the step's own forward pass, so that they need no second forward."""
         for term in terms:
             term.prepare_step(self, context)
-        if type(self).xai_forward is not XAIMixin.xai_forward:
-            return
         if not any(term.reuses_step_forward for term in terms):
             return
         inputs = context.data.get("input")
-        if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or not inputs.is_leaf:
+        if not isinstance(inputs, Tensor):
+            return
+        tokens = not inputs.is_floating_point()
+        if not tokens and (type(self).xai_forward is not XAIMixin.xai_forward or not inputs.is_leaf):
+            return
+        if any(term.differentiates_step_twice for term in terms):
+            # the penalty differentiates the step's logits twice: attention and RNNs run on kernels built for it
+            around_step.enter_context(double_backward_kernels(self))  # type: ignore[arg-type]
+        if tokens:  # the penalties capture the token embeddings of the step's forward themselves
             return
         if any(term.differentiates_step_inputs for term in terms):
             # only then: an input gradient the step's backward would compute for nothing costs a transposed
@@ -299,9 +305,6 @@ class XAIMixin:
             select=lambda output: logits_of(output, key),
             accept=lambda args, logits: bool(args) and args[0] is inputs and isinstance(logits, Tensor),
         )
-        if any(term.differentiates_step_twice for term in terms):
-            # the penalty differentiates these logits twice: attention must run on the kernel with a double backward
-            around_step.enter_context(math_attention())
 
     @_eager
     def _xai_total(self, context: StepContext, terms: list[LossTerm], task_loss: Tensor | None = None) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_xai._contract import StepContext, is_compiled, named_submodule, require_logits
+from lightning_xai._contract import StepContext, is_compiled, logits_of, named_submodule, require_logits
 from lightning_xai._lightning import LightningModule, Trainer, rank_zero_warn
 from lightning_xai._random import SeededGenerator
 from lightning_xai.attribution.contextual_decomposition import decompose, returns_single_tensor
@@ -31,10 +31,10 @@ from lightning_xai.functional.penalties import (
     cdep_penalty,
     counterexample_inputs,
     counterexample_loss,
+    double_backward_kernels,
     expected_gradients_penalty,
     hint_penalty,
     input_x_gradient_penalty,
-    math_attention,
     other_samples,
     rbr_penalty,
     rrr_gradcam_penalty,
@@ -108,28 +108,12 @@ def _batch_norm_in_eval(module: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _rnn_without_onednn(module: nn.Module) -> Iterator[None]:
-    # oneDNN's fused CPU RNN kernel differentiates its own backward through a slow per-step path that
-    # zero-fills buffers; PyTorch's native RNN makes the double backward of gradient penalties ~1.5x cheaper.
-    if not any(isinstance(m, nn.RNNBase) for m in module.modules()):
-        yield
-        return
-    # Only the `enabled` switch: torch.backends.mkldnn.flags() also resets TF32 and warns about Intel GPUs.
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
-
-
-@contextlib.contextmanager
 def _penalty_forward(module: nn.Module, double_backward: bool = True) -> Iterator[None]:
     if not double_backward:  # first-order: any attention kernel, the fused RNN
         with _batch_norm_in_eval(module):
             yield
         return
-    with _batch_norm_in_eval(module), _rnn_without_onednn(module), math_attention():
+    with _batch_norm_in_eval(module), double_backward_kernels(module):
         yield
 
 
@@ -172,17 +156,35 @@ class _Job:
         if self.inputs.is_floating_point():
             explained = _tile(self.inputs.detach() if self.tiles > 1 else self.inputs, self.tiles, self.n)
             return explained, self.module.xai_forward
-        explained = self.module.xai_embed(_tile(self.inputs, self.tiles, self.n))
-        return explained, _from_embeddings(self.module, self.tiled_data(self.tiles))
+        forward = _from_embeddings(self.module, self.tiled_data(self.tiles))
+        step = self.step_embeddings(forward)
+        if step is not None:
+            return step[0], forward
+        return self.module.xai_embed(_tile(self.inputs, self.tiles, self.n)), forward
+
+    def step_embeddings(self, forward: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor] | None:
+        """The token embeddings the step's own forward ran on and its logits, when the penalty may reuse them."""
+        step = self.context.cache.get(self.penalty.step_embeddings_key)
+        if step is None or self.tiles != 1:
+            return None
+        if self.penalty.needs_double_backward:  # differentiates the step's own graph: exact whatever forward did
+            return step
+        # a finite difference evaluates the function again, which dropout would change under it
+        if not _same_in_train_and_eval(self.module) or not self.penalty.confirm_step_embeddings(*step, forward):  # type: ignore[arg-type]
+            return None
+        return step
 
     def reused_logits(self, explained: Tensor) -> Tensor | None:
         """The step's own logits on ``explained`` (saves a forward), when the step computed them."""
-        captured = self.context.captured_output
+        if self.inputs.is_floating_point():
+            captured, source = self.context.captured_output, self.inputs
+        else:
+            captured, source = reversed(self.context.cache.get(self.penalty.step_embeddings_key, (None, None)))
         # the step's logits come from the model itself, not from its smooth surrogate
-        if captured is None or self.tiles != 1 or explained is not self.inputs or self.penalty.surrogate is not None:
+        if captured is None or self.tiles != 1 or explained is not source or self.penalty.surrogate is not None:
             return None
         # an input-gradient method needs logits computed from inputs that require grad
-        if PENALTY_METHODS[self.penalty.method].double_backward and not self.inputs.requires_grad:
+        if PENALTY_METHODS[self.penalty.method].double_backward and not source.requires_grad:
             return None
         # a finite difference compares them with a penalty forward: both must compute one function (no dropout
         # mask it cannot replay, no batch statistics where the penalty's forward uses running ones), on the
@@ -279,7 +281,7 @@ def _expected_gradients_term(job: _Job) -> Tensor:
 def _ablation_term(job: _Job) -> Tensor:
     penalty = job.penalty
     explained, forward = job.differentiated()
-    with _batch_norm_in_eval(job.module), _rnn_without_onednn(job.module):  # type: ignore[arg-type]
+    with _penalty_forward(job.module, double_backward=False):  # type: ignore[arg-type]
         return ablation_penalty(
             forward,
             explained,
@@ -455,6 +457,8 @@ class ExplanationPenalty(LossTerm):
     it decomposes separately and every hook fires as usual. The gradient methods run their forwards with the
     math attention kernel (the one with a double backward) and refuse ``torch.compile`` in ``setup``, unless
     ``differentiation="finite_difference"``; CDEP trains compiled modules, decomposing the uncompiled module.
+    On token ids, RRR, Input x Gradient and ablation reuse the embeddings and logits of the step's own
+    ``self(ids)`` (docs: the injection contract).
 
     Examples:
         >>> import pytorch_lightning as pl
@@ -563,6 +567,10 @@ class ExplanationPenalty(LossTerm):
         #: steps on which CDEP's decomposition doubled as the step's forward pass
         self.steps_sharing_forward = 0
         self._shares_forward = False
+        #: the embedding the step's forward runs on token ids, and whether the penalty's forward agrees with it
+        self._step_embedding: nn.Module | None = None
+        self._step_embedding_found = False
+        self._step_embeddings_agree: bool | None = None
         #: the last explained samples: Expected-Gradients references for a batch of one sample
         self.reference_bank: Tensor | None = None
 
@@ -574,6 +582,10 @@ class ExplanationPenalty(LossTerm):
     @property
     def branches_key(self) -> tuple[int, str]:
         return (id(self), "branches")
+
+    @property
+    def step_embeddings_key(self) -> tuple[int, str]:
+        return (id(self), "step embeddings")
 
     def default_name(self) -> str:
         return self.method if self.surrogate is None else f"{self.method}_surrogate"
@@ -598,13 +610,8 @@ class ExplanationPenalty(LossTerm):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._step_embedding, self._step_embedding_found, self._step_embeddings_agree = None, False, None
         method = PENALTY_METHODS[self.method]
-        if self.needs_double_backward and any(isinstance(m, nn.RNNBase) for m in pl_module.modules()):
-            # The step's forward runs the fused oneDNN RNN, whose double backward is slow: a penalty forward
-            # of its own on the native kernel is cheaper than reusing it.
-            self.reuses_step_forward = False
-            self.differentiates_step_inputs = False
-            self.differentiates_step_twice = False
         if self.needs_double_backward and is_compiled(pl_module):
             raise XAIConfigurationError(
                 f"{self.where} differentiates input gradients (a double backward), which torch.compile does not "
@@ -680,8 +687,8 @@ class ExplanationPenalty(LossTerm):
         For a finite difference that reuses the step's logits, records the ReLU and max-pooling branches of the
         step's forward (:class:`~lightning_xai.functional.penalties.Branches`) for the shifted forward to replay.
         """
-        if self.reuses_step_forward and not self.needs_double_backward:
-            self._record_step_branches(pl_module, context)
+        if self.reuses_step_forward:
+            self._capture_step_forward(pl_module, context)
         if not self._shares_forward:
             return
         inputs = context.data.get("input")
@@ -714,11 +721,26 @@ class ExplanationPenalty(LossTerm):
 
         _wrap_step_forward(pl_module, context, original_forward, forward)
 
-    def _record_step_branches(self, pl_module: XAIMixin, context: StepContext) -> None:
+    def _capture_step_forward(self, pl_module: XAIMixin, context: StepContext) -> None:
+        """Wraps the step's forward to keep what the penalty reuses of it.
+
+        On token ids, the embeddings it ran on and its logits (the mixin captures the logits of float inputs);
+        for a first-order penalty, the branches of its ReLUs and max poolings.
+        """
         inputs = context.data.get("input")
-        # token ids are embedded anew by the penalty; a compiled forward is not wrapped: the penalty runs its own
-        if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or is_compiled(pl_module):  # type: ignore[arg-type]
+        # a compiled forward is not wrapped: the penalty runs its own
+        if not isinstance(inputs, Tensor) or is_compiled(pl_module):  # type: ignore[arg-type]
             return
+        first_order = not self.needs_double_backward
+        if inputs.is_floating_point() and not first_order:
+            return  # the mixin captures the logits; no branches to record
+        embedding = None
+        if not inputs.is_floating_point():
+            # token ids: the step's forward embeds them; the penalty reuses those embeddings and the logits
+            embedding = self._token_embedding(pl_module, inputs)
+            if embedding is None:
+                return
+            context.capture_keys.add(self.step_embeddings_key)
         key = self.branches_key
         context.capture_keys.add(key)
         original_forward = pl_module.forward  # type: ignore[attr-defined]
@@ -726,13 +748,70 @@ class ExplanationPenalty(LossTerm):
         def forward(*args: Any, **kwargs: Any) -> Any:
             if key in context.cache or not args or args[0] is not inputs:
                 return original_forward(*args, **kwargs)
-            branches = Branches()
-            with branches:
+            branches, embedded = Branches() if first_order else None, []
+            with contextlib.ExitStack() as stack:
+                if embedding is not None:
+                    stack.callback(
+                        embedding.register_forward_hook(
+                            lambda _, ids, output: embedded.append(output) if ids and ids[0] is inputs else None
+                        ).remove
+                    )
+                if branches is not None:
+                    stack.enter_context(branches)
                 output = original_forward(*args, **kwargs)
             context.cache[key] = branches
+            logits = logits_of(output, pl_module.xai_logits_key)
+            if len(embedded) == 1 and logits is not None:
+                context.cache[self.step_embeddings_key] = (embedded[0], logits)
             return output
 
         _wrap_step_forward(pl_module, context, original_forward, forward)
+
+    def _token_embedding(self, pl_module: XAIMixin, input_ids: Tensor) -> nn.Module | None:
+        """The ``nn.Embedding`` whose output ``xai_embed`` returns (found once per fit), or ``None``."""
+        if not self._step_embedding_found:
+            calls: list[tuple[nn.Module, Tensor]] = []
+            handles = [
+                module.register_forward_hook(lambda module, _, output: calls.append((module, output)))
+                for module in pl_module.modules()  # type: ignore[attr-defined]
+                if isinstance(module, nn.Embedding)
+            ]
+            try:
+                with torch.no_grad():
+                    embedded = pl_module.xai_embed(input_ids)
+            except XAIConfigurationError:  # xai_embed not overridden: the term raises it with the fix
+                embedded = None
+            finally:
+                for handle in handles:
+                    handle.remove()
+            # an embedding that xai_embed transforms (scaled, plus positions) is not the one the penalty explains
+            self._step_embedding = next((module for module, output in calls if output is embedded), None)
+            self._step_embedding_found = True
+        return self._step_embedding
+
+    def confirm_step_embeddings(self, embeddings: Tensor, logits: Tensor, forward: Callable[[Tensor], Tensor]) -> bool:
+        """Whether ``xai_forward_from_embeddings`` computes the step's logits from the step's embeddings.
+
+        Checked once per fit, on the first step that offers them: a forward that does more than embed the ids and
+        call ``xai_forward_from_embeddings`` (scaled embeddings, another head) would make the finite difference
+        compare two different functions. Where it does, the penalty runs its own forward, after a warning.
+        """
+        if self._step_embeddings_agree is None:
+            with torch.no_grad():
+                again = forward(embeddings.detach()).float()
+            reference = logits.detach().float()
+            tolerance = 1e-4 * (1.0 + float(reference.abs().max())) if reference.numel() else 0.0
+            self._step_embeddings_agree = again.shape == reference.shape and bool(
+                (again - reference).abs().max() <= tolerance
+            )
+            if not self._step_embeddings_agree:
+                rank_zero_warn(
+                    f"{self.where}: xai_forward_from_embeddings(xai_embed(ids), batch) does not give the logits of "
+                    "the step's own forward(ids), so the penalty explains another function than the one trained, "
+                    "and runs a forward of its own (one forward and backward more per step). Make forward(ids) "
+                    "embed the ids with xai_embed's embedding and call xai_forward_from_embeddings."
+                )
+        return self._step_embeddings_agree
 
     # ----------------------------------------------------------------- the term
 

@@ -189,7 +189,10 @@ def test_a_pair_of_loss_terms_adds_exactly_both_terms_updates(case, pair, lightn
     for callback in callbacks:
         assert callback.steps_seen == 1
         value = values[f"xai/{callback.term_name}_step"]
-        assert value == pytest.approx(alone[callbacks.index(callback)][1][f"xai/{callback.term_name}_step"], rel=1e-5)
+        alone_value = alone[callbacks.index(callback)][1][f"xai/{callback.term_name}_step"]
+        # abs: an exact RRR / Input x Gradient partner reuses the step's forward and runs it on the native LSTM,
+        # whose rounding differs from oneDNN's (the text MI value, 1.8e-4, moves by 3e-8)
+        assert value == pytest.approx(alone_value, rel=1e-5, abs=1e-7)
     assert values["xai/total_step"] == pytest.approx(
         sum(callback.weight * values[f"xai/{callback.term_name}_step"] for callback in callbacks), rel=1e-5
     )

@@ -643,6 +643,67 @@ def test_finite_difference_step_follows_the_double_backward_step(method, model_k
     assert not penalty.differentiates_step_twice
 
 
+class _CountedLSTM(pl.Callback):
+    """Counts the LSTM's forwards per training step."""
+
+    def setup(self, trainer, pl_module, stage):
+        self.calls = 0
+        pl_module.lstm.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+
+
+class _ClonedIds(LSTMTextClassifier):
+    """Computes what LSTMTextClassifier computes, from a copy of the ids: the step's embeddings are not found."""
+
+    def forward(self, ids):
+        return self.xai_forward_from_embeddings(self.embedding(ids.clone()), {})
+
+
+class _ScaledEmbeddings(LSTMTextClassifier):
+    """A forward that is not xai_forward_from_embeddings(xai_embed(ids)): it scales the embeddings."""
+
+    def forward(self, ids):
+        return self.xai_forward_from_embeddings(2.0 * self.embedding(ids), {})
+
+
+def _counted_first_step(model, method="rrr", differentiation="finite_difference"):
+    counter, probe = _CountedLSTM(), _StepGradient()
+    penalty = ExplanationPenalty(method, weight=1000.0, mask_key="rationale", differentiation=differentiation)
+    trainer(max_steps=2, callbacks=[penalty, probe, counter]).fit(model, _text_loader(32, 16)[0])
+    return probe.flat, counter.calls
+
+
+@pytest.mark.parametrize("method", ["rrr", "input_x_gradient"])
+def test_finite_difference_on_text_reuses_the_step_forward_on_its_embeddings(method):
+    torch.manual_seed(0)
+    shared, calls = _counted_first_step(LSTMTextClassifier(), method)
+    torch.manual_seed(0)
+    own, own_calls = _counted_first_step(_ClonedIds(), method)
+    # per step the step's forward and the shifted one, instead of a third from embeddings of its own; the first
+    # step checks once, without gradients, that xai_forward_from_embeddings gives the step's logits
+    assert (calls, own_calls) == (2 + 2 + 1, 3 + 3)
+    # the same estimate up to rounding, which the difference quotient magnifies (its own error is about 1e-3)
+    assert (shared - own).norm() / own.norm() < 1e-3
+
+
+@pytest.mark.parametrize("method", ["rrr", "input_x_gradient"])
+def test_double_backward_on_text_differentiates_the_step_forward(method):
+    torch.manual_seed(0)
+    shared, calls = _counted_first_step(LSTMTextClassifier(), method, "double_backward")
+    torch.manual_seed(0)
+    own, own_calls = _counted_first_step(_ClonedIds(), method, "double_backward")
+    # the step's forward runs on the native LSTM kernel and is differentiated twice: one LSTM forward per step
+    assert (calls, own_calls) == (2, 4)
+    assert (shared - own).norm() / own.norm() < 1e-5
+
+
+def test_finite_difference_on_text_runs_its_own_forward_where_the_step_computes_another_function():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"xai_forward_from_embeddings\(xai_embed\(ids\), batch\) does not give"):
+        gradient, calls = _counted_first_step(_ScaledEmbeddings())
+    assert calls == 3 + 3 + 1  # the check, then a forward of its own on every step
+    assert torch.isfinite(gradient).all()
+
+
 def test_finite_difference_trains_a_compiled_module_as_the_double_backward_trains_the_eager_one():
     # aot_eager: inductor (g++ is there) gives the same numbers, checked by hand, but compiles for a minute on CPU
     from tests.callbacks.test_kernels_and_batches import COMPILE_STYLES
@@ -657,8 +718,7 @@ def test_finite_difference_trains_a_compiled_module_as_the_double_backward_train
 
 
 def test_finite_difference_runs_attention_on_the_fused_kernels(monkeypatch):
-    from lightning_xai import mixin
-    from lightning_xai.callbacks import explanation_penalty
+    from lightning_xai.functional import penalties
     from tests.callbacks.test_kernels_and_batches import AttentionClassifierBody
 
     g = torch.Generator().manual_seed(0)
@@ -671,8 +731,7 @@ def test_finite_difference_runs_attention_on_the_fused_kernels(monkeypatch):
     def refuse():
         raise AssertionError("the math attention kernel was forced")
 
-    for module in (mixin, explanation_penalty):
-        monkeypatch.setattr(module, "math_attention", refuse)
+    monkeypatch.setattr(penalties, "math_attention", refuse)  # every forward that forces it goes through it
     estimate, value, _ = _first_step(
         bind(AttentionClassifierBody)(), data, method="rrr", differentiation="finite_difference"
     )
