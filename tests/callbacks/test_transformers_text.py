@@ -77,6 +77,20 @@ def test_bert_gradient_penalty_on_token_spans_adds_its_gradient(method):
         torch.testing.assert_close(parameter.detach(), expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("differentiation", "encoder_calls"), [("double_backward", 1 + 1), ("finite_difference", 2 + 2 + 1)]
+)
+def test_bert_penalty_reuses_the_step_forward_on_its_word_embeddings(differentiation, encoder_calls):
+    model = BertClassifier(attention="sdpa")
+    calls = []
+    model.bert.bert.encoder.register_forward_hook(lambda *_: calls.append(1))
+    penalty = ExplanationPenalty("rrr", weight=100.0, mask_key="rationale", differentiation=differentiation)
+    trainer(max_steps=2, callbacks=[penalty]).fit(model, loader([_batch()] * 2, 1, collate_fn=lambda items: items[0]))
+    # two steps: the step's own forward on each, the finite difference's shifted one, and its one check
+    assert len(calls) == encoder_calls
+    assert penalty._step_embedding is model.bert.bert.embeddings.word_embeddings
+
+
 def test_cdep_on_bert_raises_a_clear_unsupported_error():
     batch = _batch()
     with pytest.raises(UnsupportedLayerError, match="BertClassifier|contextual decomposition"):
