@@ -696,6 +696,45 @@ def test_double_backward_on_text_differentiates_the_step_forward(method):
     assert (shared - own).norm() / own.norm() < 1e-5
 
 
+class _SequenceLSTMBody(XAIMixin):
+    """An LSTM over float feature sequences: the input gradient is taken with respect to the batch input."""
+
+    def __init__(self, copy_inputs: bool = False):
+        super().__init__()
+        self.copy_inputs = copy_inputs
+        self.lstm = nn.LSTM(6, 8, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+    def training_step(self, batch, batch_idx):
+        inputs = batch["input"].clone() if self.copy_inputs else batch["input"]
+        return F.cross_entropy(self(inputs), batch["target"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_double_backward_on_a_recurrent_model_differentiates_the_step_forward_on_the_native_kernel():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 5, 6, generator=g), torch.randint(0, 2, (16,), generator=g)
+    mask = torch.zeros(16, 5, 6)
+    mask[:, 1] = 1
+    runs = {}
+    for copy_inputs in (False, True):  # a copy hides the step's input: the penalty runs its own forward
+        torch.manual_seed(0)
+        model, counter, probe = bind(_SequenceLSTMBody)(copy_inputs), _CountedLSTM(), _StepGradient()
+        penalty = ExplanationPenalty("rrr", weight=10.0)
+        trainer(max_steps=2, callbacks=[penalty, probe, counter]).fit(
+            model, loader(DictDataset(input=x, target=y, mask=mask), 8)
+        )
+        runs[copy_inputs] = probe.flat, counter.calls
+    (shared, calls), (own, own_calls) = runs[False], runs[True]
+    assert (calls, own_calls) == (2, 4)
+    assert (shared - own).norm() / own.norm() < 1e-5
+
+
 def test_finite_difference_on_text_runs_its_own_forward_where_the_step_computes_another_function():
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match=r"xai_forward_from_embeddings\(xai_embed\(ids\), batch\) does not give"):
