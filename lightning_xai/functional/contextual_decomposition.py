@@ -172,9 +172,9 @@ def _lstm_step(
     bias_product = bias_i * bias_g  # the same at every step and for every sample
     gates = projected + F.linear(hidden_state, weight_hh)  # (2, N, 4H)
     rel, irr = gates[0], gates[1]
-    # fn(c), fn(a + c), fn(b + c), fn(a + b + c) for a = relevant, b = irrelevant, c = bias
-    evaluated = _gate_activations(torch.stack([torch.zeros_like(rel), rel, irr, rel + irr]) + bias, scale, shift)
-    _, with_rel, with_irr, with_all = evaluated.unbind(0)
+    # fn(a + c), fn(b + c), fn(a + b + c) for a = relevant, b = irrelevant, c = bias (fn(c) is bias_activation)
+    evaluated = _gate_activations(torch.stack([rel, irr, rel + irr]) + bias, scale, shift)
+    with_rel, with_irr, with_all = evaluated.unbind(0)
     # Shapley values; grouped so that a zero relevant input gives an exactly zero relevant part
     rel_part = 0.5 * ((with_rel - bias_activation) + (with_all - with_irr))
     irr_part = 0.5 * ((with_irr - bias_activation) + (with_all - with_rel))
