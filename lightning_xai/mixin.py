@@ -284,16 +284,14 @@ class XAIMixin:
         if not any(term.reuses_step_forward for term in terms):
             return
         inputs = context.data.get("input")
-        if not isinstance(inputs, Tensor):
+        # token ids: the penalties capture the embeddings and logits of the step's forward themselves
+        if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or not inputs.is_leaf:
             return
-        tokens = not inputs.is_floating_point()
-        if not tokens and (type(self).xai_forward is not XAIMixin.xai_forward or not inputs.is_leaf):
+        if type(self).xai_forward is not XAIMixin.xai_forward:
             return
         if any(term.differentiates_step_twice for term in terms):
             # the penalty differentiates the step's logits twice: attention and RNNs run on kernels built for it
             around_step.enter_context(double_backward_kernels(self))  # type: ignore[arg-type]
-        if tokens:  # the penalties capture the token embeddings of the step's forward themselves
-            return
         if any(term.differentiates_step_inputs for term in terms):
             # only then: an input gradient the step's backward would compute for nothing costs a transposed
             # first layer (ablation on the demo CNN: 2.8x a vanilla step with it, 2.0x without)

@@ -758,6 +758,8 @@ class ExplanationPenalty(LossTerm):
                     )
                 if branches is not None:
                     stack.enter_context(branches)
+                elif embedding is not None:  # differentiated twice: on the kernels with a cheap double backward
+                    stack.enter_context(double_backward_kernels(pl_module))  # type: ignore[arg-type]
                 output = original_forward(*args, **kwargs)
             context.cache[key] = branches
             logits = logits_of(output, pl_module.xai_logits_key)

@@ -644,11 +644,16 @@ def test_finite_difference_step_follows_the_double_backward_step(method, model_k
 
 
 class _CountedLSTM(pl.Callback):
-    """Counts the LSTM's forwards per training step."""
+    """Counts the LSTM's forwards and records whether each ran with oneDNN (the fused kernel) enabled."""
 
     def setup(self, trainer, pl_module, stage):
-        self.calls = 0
-        pl_module.lstm.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+        self.calls, self.fused = 0, []
+
+        def count(*_):
+            self.calls += 1
+            self.fused.append(torch.backends.mkldnn.enabled)
+
+        pl_module.lstm.register_forward_hook(count)
 
 
 class _ClonedIds(LSTMTextClassifier):
@@ -665,10 +670,12 @@ class _ScaledEmbeddings(LSTMTextClassifier):
         return self.xai_forward_from_embeddings(2.0 * self.embedding(ids), {})
 
 
-def _counted_first_step(model, method="rrr", differentiation="finite_difference"):
+def _counted_first_step(model, method="rrr", differentiation="finite_difference", fused=None):
     counter, probe = _CountedLSTM(), _StepGradient()
     penalty = ExplanationPenalty(method, weight=1000.0, mask_key="rationale", differentiation=differentiation)
     trainer(max_steps=2, callbacks=[penalty, probe, counter]).fit(model, _text_loader(32, 16)[0])
+    if fused is not None:
+        fused.extend(counter.fused)
     return probe.flat, counter.calls
 
 
@@ -688,12 +695,29 @@ def test_finite_difference_on_text_reuses_the_step_forward_on_its_embeddings(met
 @pytest.mark.parametrize("method", ["rrr", "input_x_gradient"])
 def test_double_backward_on_text_differentiates_the_step_forward(method):
     torch.manual_seed(0)
-    shared, calls = _counted_first_step(LSTMTextClassifier(), method, "double_backward")
+    kernels = []
+    shared, calls = _counted_first_step(LSTMTextClassifier(), method, "double_backward", kernels)
     torch.manual_seed(0)
     own, own_calls = _counted_first_step(_ClonedIds(), method, "double_backward")
     # the step's forward runs on the native LSTM kernel and is differentiated twice: one LSTM forward per step
     assert (calls, own_calls) == (2, 4)
+    assert kernels == [False, False]
     assert (shared - own).norm() / own.norm() < 1e-5
+
+
+class _TransformedEmbeddings(LSTMTextClassifier):
+    """xai_embed returns a transform of the embedding's output: the step's embeddings are not what it explains."""
+
+    def xai_embed(self, input_ids):
+        return self.embedding(input_ids) * 1.0
+
+
+def test_a_step_the_penalty_cannot_reuse_keeps_the_fused_rnn_kernel():
+    kernels = []
+    _, calls = _counted_first_step(_TransformedEmbeddings(), "rrr", "double_backward", kernels)
+    # per step: the step's forward on oneDNN's fused LSTM, the penalty's own on the native one
+    assert calls == 4
+    assert kernels == [True, False, True, False]
 
 
 class _SequenceLSTMBody(XAIMixin):
