@@ -276,9 +276,17 @@ class _SplitConstant(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         relevant, total, constant, tie = ctx.saved_tensors
         grad_relevant, grad_total, grad_constant = _run_kernel(
-            "split_backward", relevant.numel(), relevant, total, constant, tie, grad.contiguous()
+            "split_backward", relevant.numel(), relevant, total, constant, tie, _laid_out_like(grad, relevant)
         )
         return grad_relevant, grad_total, grad_constant, None
+
+
+def _laid_out_like(tensor: Tensor, like: Tensor) -> Tensor:
+    """``tensor`` with the strides of ``like`` (the streams of a channels-last activation): elementwise kernels on
+    operands of one layout run at memory speed, on mixed layouts strided."""
+    if tensor.stride() == like.stride():
+        return tensor
+    return torch.empty_like(like).copy_(tensor)
 
 
 def _channel_layout(constant: Tensor, like: Tensor) -> int | None:
@@ -443,20 +451,31 @@ class _GatherPositions(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, source: Tensor, index: Tensor) -> Tensor:
-        ctx.length = source.shape[2]
+        n, channels, length = ctx.shape = source.shape
+        ctx.channels_last = source.stride() == (channels * length, 1, channels) and not source.is_contiguous()
         ctx.save_for_backward(index)
-        return source.gather(2, index)
+        return _gather(source, index)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         (index,) = ctx.saved_tensors
-        # overlapping windows (stride < kernel) read a position more than once, so the gradients add up
-        return grad.new_zeros(*grad.shape[:2], ctx.length).scatter_add_(2, index, grad), None
+        # overlapping windows (stride < kernel) read a position more than once, so the gradients add up; the
+        # gradient keeps the source's layout (channels last) for the kernels before the pooling
+        n, channels, length = ctx.shape
+        zeros = grad.new_zeros(n, length, channels).transpose(1, 2) if ctx.channels_last else grad.new_zeros(ctx.shape)
+        return zeros.scatter_add_(2, index, grad), None
+
+
+def _gather(source: Tensor, index: Tensor) -> Tensor:
+    """``source.gather(2, index)``, laid out as ``index`` (channels last stays channels last for the next layer)."""
+    if index.is_contiguous():
+        return source.gather(2, index)
+    return torch.gather(source, 2, index, out=torch.empty_like(index, dtype=source.dtype))
 
 
 def _gather_positions(source: Tensor, index: Tensor) -> Tensor:
     if not (torch.is_grad_enabled() and source.requires_grad):
-        return source.gather(2, index)
+        return _gather(source, index)
     return _GatherPositions.apply(source, index)
 
 

@@ -7,11 +7,14 @@ import importlib
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lightning_xai.attribution import decompose, set_cd_kernel
+from lightning_xai.errors import XAIConfigurationError
 from lightning_xai.functional.contextual_decomposition import Decomposition, add_constant, relevant_share, tie_share
 
 cd_kernels = importlib.import_module("lightning_xai.functional.contextual_decomposition")
+cd_attribution = importlib.import_module("lightning_xai.attribution.contextual_decomposition")
 
 SHAPES = [((3, 4, 5, 5), (4, 1, 1)), ((3, 6), (6,)), ((3, 4, 7), (4, 1))]
 
@@ -157,11 +160,13 @@ def test_the_clip_rule_gives_the_elementwise_rule_and_its_gradients(upper, refer
     )
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize(("kernel", "stride"), [(2, 2), (3, 1), (3, 2)], ids=["disjoint", "overlapping", "strided"])
-def test_the_max_pool_rule_adds_the_gradients_of_positions_read_twice(kernel, stride):
+def test_the_max_pool_rule_adds_the_gradients_of_positions_read_twice(kernel, stride, layout):
     generator = torch.Generator().manual_seed(0)
-    relevant = torch.randn(2, 3, 9, 9, dtype=torch.double, generator=generator).requires_grad_()
-    total = torch.randn(2, 3, 9, 9, dtype=torch.double, generator=generator).requires_grad_()
+    relevant = torch.randn(2, 3, 9, 9, dtype=torch.double, generator=generator).contiguous(memory_format=layout)
+    total = torch.randn(2, 3, 9, 9, dtype=torch.double, generator=generator).contiguous(memory_format=layout)
+    relevant.requires_grad_(), total.requires_grad_()
 
     def pool(t):
         return nn.functional.max_pool2d(t, kernel, stride, return_indices=True)
@@ -174,6 +179,8 @@ def test_the_max_pool_rule_adds_the_gradients_of_positions_read_twice(kernel, st
     (ours,) = torch.autograd.grad((pooled.relevant * weights).sum(), relevant)
     (theirs,) = torch.autograd.grad((expected * weights).sum(), relevant)
     torch.testing.assert_close(ours, theirs)
+    # the pooled parts and the gradient keep the layout, so the layers around the pooling keep theirs
+    assert pooled.relevant.is_contiguous(memory_format=layout) and ours.is_contiguous(memory_format=layout)
     assert torch.autograd.gradcheck(
         lambda r: cd_kernels.decompose_max_pool(Decomposition(r, total), pool).relevant, (relevant,)
     )
@@ -238,3 +245,88 @@ def test_the_compiled_lstm_step_gives_the_eager_decomposition_and_parameter_grad
     torch.testing.assert_close(
         results["compiled"][0][0] + results["compiled"][0][1], total.detach(), atol=1e-5, rtol=1e-5
     )
+
+
+# ------------------------------------------------------------------------------------------- memory layout
+
+
+class _ConvInputLayouts(TorchFunctionMode):
+    """Records whether each convolution's input is channels last."""
+
+    def __init__(self):
+        super().__init__()
+        self.channels_last = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (nn.functional.conv2d, torch.conv2d):
+            inputs = args[0]
+            self.channels_last.append(
+                inputs.is_contiguous(memory_format=torch.channels_last) and not inputs.is_contiguous()
+            )
+        return func(*args, **(kwargs or {}))
+
+
+def _demo_like_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 7 * 7, 32), nn.ReLU(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+def _decomposition_and_gradients(model, memory_format):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 28, 28, generator=generator) * (torch.rand(8, 1, 28, 28, generator=generator) > 0.6)
+    mask = (torch.rand(8, 1, 28, 28, generator=generator) > 0.8).float()
+    layouts = _ConvInputLayouts()
+    with layouts:
+        decomposition = decompose(model, x, mask, memory_format=memory_format)
+    loss = decomposition.total.logsumexp(1).mean() + decomposition.relevant.square().mean()
+    gradients = torch.autograd.grad(loss, list(model.parameters()))
+    return decomposition, gradients, layouts.channels_last
+
+
+def test_auto_decomposes_images_on_cpu_channels_last_with_the_contiguous_numbers(kernel_mode):
+    kernel_mode("eager")
+    model = _demo_like_cnn()
+    auto, auto_gradients, auto_layouts = _decomposition_and_gradients(model, "auto")
+    exact, exact_gradients, exact_layouts = _decomposition_and_gradients(model, "contiguous")
+    # both streams of both convolutions, through the bias splits, clips and poolings in between
+    assert auto_layouts == [True] * 4 and exact_layouts == [False] * 4
+    torch.testing.assert_close(auto.relevant, exact.relevant, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(auto.total, exact.total, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(auto_gradients, exact_gradients):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+class _ViewingCNN(nn.Module):
+    """Flattens with ``view``, which a channels-last activation does not allow."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        hidden = torch.relu(self.conv(x))
+        return self.head(hidden.view(hidden.shape[0], -1))
+
+
+def test_a_model_that_views_its_activations_is_decomposed_contiguously():
+    model = _ViewingCNN()
+    x, mask = torch.rand(2, 3, 8, 8), torch.ones(2, 1, 8, 8)
+    exact = decompose(model, x, mask, memory_format="contiguous")
+    with pytest.raises(RuntimeError, match="view"):
+        decompose(model, x, mask, memory_format="channels_last")
+    auto = decompose(model, x, mask)
+    torch.testing.assert_close(auto.total, exact.total)
+    assert model in cd_attribution._CONTIGUOUS_ONLY  # the next steps do not try again
+
+
+def test_a_bad_memory_format_is_refused_with_the_choices():
+    model = _demo_like_cnn()
+    with pytest.raises(XAIConfigurationError, match=r"memory_format must be 'auto' or one of \['channels_last'"):
+        decompose(model, torch.rand(1, 3, 28, 28), torch.ones(1, 1, 28, 28), memory_format="nhwc")
+    with pytest.raises(XAIConfigurationError, match="needs 4-D"):
+        decompose(nn.Linear(4, 2), torch.rand(3, 4), torch.ones(3, 4), memory_format="channels_last")
