@@ -179,7 +179,7 @@ class _Job:
         if self.inputs.is_floating_point():
             captured, source = self.context.captured_output, self.inputs
         else:
-            captured, source = reversed(self.context.cache.get(self.penalty.step_embeddings_key, (None, None)))
+            source, captured = self.context.cache.get(self.penalty.step_embeddings_key, (None, None))
         # the step's logits come from the model itself, not from its smooth surrogate
         if captured is None or self.tiles != 1 or explained is not source or self.penalty.surrogate is not None:
             return None
