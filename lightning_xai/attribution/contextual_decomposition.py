@@ -25,10 +25,10 @@ from lightning_xai.attribution._cd_rules import (
     find_module_rule,
     has_decomposition,
 )
-from lightning_xai.errors import MaskShapeError, UnsupportedLayerError, XAIConfigurationError, XAIError
+from lightning_xai.errors import MaskShapeError, UnsupportedLayerError, XAIError
 from lightning_xai.functional._masks import broadcast_mask, check_mask_values
 from lightning_xai.functional.contextual_decomposition import CD_KERNELS, Decomposition, tie_share
-from lightning_xai.functional.robustness import MEMORY_FORMATS, MemoryFormat, check_memory_format
+from lightning_xai.functional.robustness import MemoryFormat, resolve_memory_format
 
 _MAX_EXTRA_ARGS = 4
 
@@ -302,8 +302,9 @@ def decompose(
     The ``total`` stream is the model's (eval-mode) output itself, so it can stand in for the forward
     pass: CDEP uses it as the step's logits when the network behaves the same in train and eval mode.
     """
-    check_memory_format(memory_format, "decompose")
-    layout = _stream_layout(model, inputs, memory_format)
+    layout = resolve_memory_format(memory_format, inputs, "decompose")
+    if memory_format == "auto" and model in _CONTIGUOUS_ONLY:
+        layout = torch.contiguous_format
     if layout is torch.channels_last:
         try:
             return _decompose(model, inputs.contiguous(memory_format=layout), mask, additional_forward_args, forward)
@@ -316,18 +317,6 @@ def decompose(
 
 #: models that failed to decompose channels last under ``memory_format="auto"``
 _CONTIGUOUS_ONLY: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
-
-
-def _stream_layout(model: nn.Module, inputs: Tensor, memory_format: MemoryFormat) -> torch.memory_format:
-    if memory_format == "auto":
-        images_on_cpu = inputs.dim() == 4 and inputs.is_floating_point() and inputs.device.type == "cpu"
-        return torch.channels_last if images_on_cpu and model not in _CONTIGUOUS_ONLY else torch.contiguous_format
-    if memory_format == "channels_last" and inputs.dim() != 4:
-        raise XAIConfigurationError(
-            f"decompose: memory_format='channels_last' needs 4-D (N, C, H, W) inputs, got shape {tuple(inputs.shape)}; "
-            "use 'auto' or 'contiguous'."
-        )
-    return MEMORY_FORMATS[memory_format]
 
 
 def _decompose(

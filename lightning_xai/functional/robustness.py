@@ -65,6 +65,21 @@ def check_memory_format(memory_format: MemoryFormat, where: str) -> None:
         )
 
 
+def resolve_memory_format(memory_format: MemoryFormat, like: Tensor, where: str) -> torch.memory_format:
+    """The layout ``memory_format`` names for inputs like ``like``: ``"auto"`` is channels last for 4-D floating
+    inputs on CPU (images, which oneDNN's convolutions read without a reorder) and contiguous otherwise."""
+    check_memory_format(memory_format, where)
+    if memory_format == "auto":
+        images_on_cpu = like.dim() == 4 and like.is_floating_point() and like.device.type == "cpu"
+        return torch.channels_last if images_on_cpu else torch.contiguous_format
+    if memory_format == "channels_last" and like.dim() != 4:
+        raise XAIConfigurationError(
+            f"{where}: memory_format='channels_last' needs 4-D (N, C, H, W) inputs, got shape {tuple(like.shape)}; "
+            "use 'auto' or 'contiguous'."
+        )
+    return MEMORY_FORMATS[memory_format]
+
+
 class _ChunkLayout:
     """Runs the model (or the explanation) on perturbed chunks in one memory layout, for one metric call.
 
@@ -77,17 +92,8 @@ class _ChunkLayout:
     """
 
     def __init__(self, memory_format: MemoryFormat, like: Tensor, where: str) -> None:
-        check_memory_format(memory_format, where)
+        self.format = resolve_memory_format(memory_format, like, where)
         self.falls_back = memory_format == "auto"
-        if memory_format == "auto":
-            images_on_cpu = like.dim() == 4 and like.is_floating_point() and like.device.type == "cpu"
-            memory_format = "channels_last" if images_on_cpu else "contiguous"
-        elif memory_format == "channels_last" and like.dim() != 4:
-            raise XAIConfigurationError(
-                f"{where}: memory_format='channels_last' needs 4-D (N, C, H, W) inputs, got shape {tuple(like.shape)}; "
-                "use 'auto' or 'contiguous'."
-            )
-        self.format = MEMORY_FORMATS[memory_format]
         self._tried = False
 
     def __call__(self, fn: Callable[..., Tensor], batch: Tensor, *args: Any) -> Tensor:
