@@ -281,7 +281,7 @@ def _expected_gradients_term(job: _Job) -> Tensor:
 def _ablation_term(job: _Job) -> Tensor:
     penalty = job.penalty
     explained, forward = job.differentiated()
-    with _penalty_forward(job.module, double_backward=False):  # type: ignore[arg-type]
+    with _batch_norm_in_eval(job.module):  # type: ignore[arg-type]
         return ablation_penalty(
             forward,
             explained,
@@ -802,7 +802,7 @@ class ExplanationPenalty(LossTerm):
             with torch.no_grad():
                 again = forward(embeddings.detach()).float()
             reference = logits.detach().float()
-            tolerance = 1e-4 * (1.0 + float(reference.abs().max())) if reference.numel() else 0.0
+            tolerance = 1e-4 * (1.0 + float(reference.abs().max()))
             self._step_embeddings_agree = again.shape == reference.shape and bool(
                 (again - reference).abs().max() <= tolerance
             )
